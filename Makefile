@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both bootstrap .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.segability-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU build kept on disk; a looser pin would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,lightning,ignite,ray]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/segability demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/bench_protoseg.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,31 @@
+"""The ``segability`` command. Heavy imports (torch, pandas) happen inside commands so ``--help`` is instant.
+
+Each command module registers its commands on :data:`app` when imported; the imports at the bottom
+list them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="segability",
+    help="Segmentation ability maps: what every layer of a segmentation network can segment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """segability: what every layer and unit of a segmentation network can segment."""
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()
+
+
+# Command modules (each registers its commands on `app`).
+from segability.cli import core_commands  # noqa: E402,F401

@@ -1,0 +1,19 @@
+"""The functional core: prototypes, feature segmentation and Dice, on tensors. Imports nothing above it."""
+
+from segability.core.functional import (
+    UndefinedPrototypeWarning,
+    prototypes,
+    protoseg,
+    protoseg_units,
+    sa_score,
+)
+from segability.core.metric import SegmentationAbility
+
+__all__ = [
+    "UndefinedPrototypeWarning",
+    "prototypes",
+    "protoseg",
+    "protoseg_units",
+    "sa_score",
+    "SegmentationAbility",
+]
