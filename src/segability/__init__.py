@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from segability.analysis import SAResult, analyze, load_result
+from segability.capture import FeatureRecorder, LayerInfo, list_layers
 from segability.core import (
     SegmentationAbility,
     UndefinedPrototypeWarning,
@@ -20,6 +22,12 @@ from segability.core import (
 
 __all__ = [
     "__version__",
+    "FeatureRecorder",
+    "LayerInfo",
+    "SAResult",
+    "analyze",
+    "list_layers",
+    "load_result",
     "SegmentationAbility",
     "UndefinedPrototypeWarning",
     "prototypes",
