@@ -29,3 +29,4 @@ def main() -> None:
 
 # Command modules (each registers its commands on `app`).
 from segability.cli import core_commands  # noqa: E402,F401
+from segability.cli import demo_commands  # noqa: E402,F401

@@ -1,0 +1,86 @@
+"""``segability demo`` and ``segability train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from segability.cli.app import app
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (never overwritten without --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace the results of an earlier run in --out."),
+    quick: bool = typer.Option(False, "--quick", help="A reduced run (a few images, three shifts)."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated data is cached."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
+) -> None:
+    """Open the shipped reference UNet layer by layer on the embedded MNI152 lesion data."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from segability.demo import DemoConfig, run_demo
+
+    console = Console()
+    cfg = DemoConfig.quick() if quick else DemoConfig()
+    try:
+        summary = run_demo(out, force=force, config=cfg, cache_dir=cache_dir, console=console, report=not no_report)
+    except FileExistsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title="SA per layer (clean test set, forward order)")
+    for col in ("depth", "layer", "mean SA", "IQR"):
+        table.add_column(col, justify="right" if col != "layer" else "left")
+    for row in summary.layer_sa.itertuples(index=False):
+        table.add_row(str(row.depth), row.layer, f"{row.mean:.3f}", f"{row.q25:.2f}-{row.q75:.2f}")
+    console.print(table)
+    for note in summary.findings:
+        console.print(f"- {note}")
+    console.print(
+        f"Label-free mean SA vs true Dice: Spearman [bold]{summary.spearman:.3f}[/bold], "
+        f"Pearson [bold]{summary.pearson:.3f}[/bold]; the gate flags {summary.flagged} of {summary.n_gate} images."
+    )
+    console.print(f"Finished in {summary.timing.get('total', 0):.1f} s. Run folder: {summary.out}")
+    if summary.report is not None:
+        console.print(f"Report: [bold]{summary.report}[/bold]")
+
+
+@app.command()
+def train(
+    task: str = typer.Option("mni-lesions", "--task", help="The task to train (only 'mni-lesions')."),
+    out: Path = typer.Option(Path("runs/train"), "--out", help="Where the checkpoint, card and history go."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: those of the shipped model)."),
+    seed: int = typer.Option(0, "--seed"),
+    n_train: int | None = typer.Option(None, "--n-train", help="Training slices."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint in --out."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir"),
+) -> None:
+    """Train the reference model (what is shipped in the package) and record SA per layer per epoch."""
+    from rich.console import Console
+
+    from segability.train import TrainConfig, train_reference
+
+    console = Console()
+    if task != "mni-lesions":
+        console.print(f"[red]error:[/red] unknown task {task!r}; the only task is 'mni-lesions'")
+        raise typer.Exit(2)
+    if (out / "reference_unet.pt").exists() and not force:
+        console.print(f"[red]error:[/red] {out / 'reference_unet.pt'} exists; pass --force to overwrite it")
+        raise typer.Exit(2)
+    cfg = TrainConfig(seed=seed)
+    if epochs is not None:
+        cfg.epochs = epochs
+    if n_train is not None:
+        cfg.n_train = n_train
+
+    def on_epoch(epoch: int, m: dict) -> None:
+        console.log(f"epoch {epoch}/{cfg.epochs}: loss {m['loss']:.4f}, validation Dice {m['val_dice']:.4f} ({m['seconds']:.0f} s)")
+
+    result = train_reference(cfg, out_dir=out, cache_dir=cache_dir, on_epoch=on_epoch)
+    card = result.card
+    console.print(
+        f"validation Dice {card['validation_dice']}, {card['training_seconds']} s; wrote {out / 'reference_unet.pt'} "
+        f"(sha256 {card['sha256'][:12]}...), card and history.csv"
+    )

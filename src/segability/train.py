@@ -1,0 +1,171 @@
+"""``segability train --task mni-lesions``: trains the reference model and records SA per epoch.
+
+The run is seeded; the same command gives a model of the same quality (CPU training with the
+same thread count is bitwise repeatable here, but that is not promised across machines). After each
+epoch the validation Dice and the SA of every layer (the paper's training figure) are measured with
+:func:`segability.analyze` on a fixed validation subset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from segability.analysis import analyze
+from segability.models import REFERENCE_ARCH, file_sha256, reference_unet
+
+__all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a reference-model training run (all recorded in the card)."""
+
+    epochs: int = 12
+    n_train: int = 480
+    n_val: int = 64
+    size: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+    sa_images: int = 16
+    threads: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """The trained model, its card and the per-epoch history (epoch, layer, sa, sa_pred, dice)."""
+
+    model: nn.Module
+    card: dict[str, Any]
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def dice_of(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Per-image Dice of binary maps (both empty: 1)."""
+    p, t = pred.flatten(1).double(), label.flatten(1).double()
+    den = p.sum(1) + t.sum(1)
+    return torch.where(den > 0, 2 * (p * t).sum(1) / den.clamp_min(1e-12), torch.ones_like(den))
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    # Flips and mild intensity changes only: the shifted test suite must stay out of distribution.
+    if torch.rand(1, generator=gen) < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    if torch.rand(1, generator=gen) < 0.3:
+        x, y = x.flip(-2), y.flip(-2)
+    gain = 1.0 + 0.1 * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5)
+    return x * gain, y
+
+
+def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> float:
+    model.eval()
+    dices = []
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            pred = (torch.sigmoid(model(x[s : s + batch])) > 0.5).float()
+            dices.append(dice_of(pred, y[s : s + batch]))
+    model.train()
+    return float(torch.cat(dices).mean())
+
+
+def train_reference(
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    command: str | None = None,
+) -> TrainResult:
+    """Train the reference UNet on ``mni_lesions`` and return it with its card and history.
+
+    Args:
+        config: training settings (defaults reproduce the shipped model).
+        out_dir: when given, writes ``reference_unet.pt``, ``reference_unet.json`` (the card) and
+            ``history.csv`` there.
+        cache_dir: data cache folder (see :mod:`segability.datasets`).
+        on_epoch: called after every epoch with the epoch number and its metrics (progress).
+        command: the command line recorded in the card.
+    """
+    from monai.losses import DiceCELoss
+
+    from segability import __version__
+    from segability.datasets import mni_lesions
+
+    cfg = config or TrainConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = mni_lesions(cfg.n_train, "train", size=cfg.size, seed=cfg.seed, cache_dir=cache_dir)
+    val = mni_lesions(cfg.n_val, "val", size=cfg.size, seed=cfg.seed + 1, cache_dir=cache_dir)
+    tx, ty = train.as_tensors()
+    vx, vy = val.as_tensors()
+
+    model = reference_unet()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps = cfg.epochs * math.ceil(len(tx) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    history: list[pd.DataFrame] = []
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(tx), generator=gen)
+        losses = []
+        for s in range(0, len(tx), cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            x, y = _augment(tx[idx], ty[idx], gen)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        val_dice = _validate(model, vx, vy)
+        res = analyze(model, vx[: cfg.sa_images], vy[: cfg.sa_images], batch_size=cfg.sa_images)
+        summary = res.layers.groupby(["depth", "layer"], sort=True)[["sa", "sa_pred"]].mean().reset_index()
+        history.append(summary.assign(epoch=epoch, val_dice=val_dice, loss=float(np.mean(losses))))
+        model.train()
+        if on_epoch is not None:
+            on_epoch(epoch, {"loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.perf_counter() - start})
+    seconds = time.perf_counter() - start
+    model.eval()
+    hist = pd.concat(history, ignore_index=True)[["epoch", "depth", "layer", "sa", "sa_pred", "val_dice", "loss"]]
+    card: dict[str, Any] = {
+        "model": "monai.networks.nets.UNet",
+        "architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in REFERENCE_ARCH.items()},
+        "task": "mni-lesions",
+        "command": command or " ".join(shlex.quote(a) for a in ["segability", *sys.argv[1:]]),
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "validation_dice": round(float(hist["val_dice"].iloc[-1]), 4),
+        "training_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "segability": __version__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / "reference_unet.pt"
+        torch.save(model.state_dict(), weights)
+        card["sha256"] = file_sha256(weights)
+        card["size_bytes"] = weights.stat().st_size
+        (out / "reference_unet.json").write_text(json.dumps(card, indent=2) + "\n")
+        hist.to_csv(out / "history.csv", index=False)
+    return TrainResult(model=model, card=card, history=hist)
