@@ -1,0 +1,66 @@
+"""Label-free output quality from SA scores: layer choice, calibration, the gate, baselines, metrics.
+
+Layer 3 of segability: it reads the ``layers`` / ``images`` tables of an analysis run (pandas) and
+torch probability maps; it imports only :mod:`segability.core` below it.
+"""
+
+from segability.estimation.baselines import (
+    boundary_confidence,
+    mc_dropout_agreement,
+    mean_entropy,
+    mean_max_prob_foreground,
+    pairwise_dice,
+    tta_flip_agreement,
+)
+from segability.estimation.calibration import (
+    Calibration,
+    conformal_radius,
+    fingerprint,
+    state_dict_hash,
+)
+from segability.estimation.evaluation import (
+    MetricUndefinedWarning,
+    aurc,
+    compare_methods,
+    eaurc,
+    failure_auroc,
+    pearson,
+    spearman,
+)
+from segability.estimation.gate import (
+    REASON_EMPTY,
+    REASON_LOW_INPUT_SA,
+    REASON_MODEL_FAILS,
+    REASON_NO_INPUT_SA,
+    quality_gate,
+)
+from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa, select_layers
+
+__all__ = [
+    "mean_sa",
+    "select_layers",
+    "decoder_layers",
+    "layer_spearman",
+    "Calibration",
+    "conformal_radius",
+    "fingerprint",
+    "state_dict_hash",
+    "quality_gate",
+    "REASON_EMPTY",
+    "REASON_LOW_INPUT_SA",
+    "REASON_MODEL_FAILS",
+    "REASON_NO_INPUT_SA",
+    "mean_entropy",
+    "mean_max_prob_foreground",
+    "boundary_confidence",
+    "tta_flip_agreement",
+    "mc_dropout_agreement",
+    "pairwise_dice",
+    "MetricUndefinedWarning",
+    "spearman",
+    "pearson",
+    "aurc",
+    "eaurc",
+    "failure_auroc",
+    "compare_methods",
+]
