@@ -2,9 +2,9 @@
 
 from segability.core.functional import (
     UndefinedPrototypeWarning,
-    prototypes,
     protoseg,
     protoseg_units,
+    prototypes,
     sa_score,
 )
 from segability.core.metric import SegmentationAbility

@@ -87,7 +87,7 @@ def validate_guide(
         raise ValueError(f"{name} {_shape(guide)} contains NaN or Inf values")
     lo, hi = float(g.min()), float(g.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} values must lie in [0, 1], got min {lo:g} and max {hi:g}")
+        raise ValueError(f"{name} {_shape(guide)} values must lie in [0, 1], got min {lo:g} and max {hi:g}")
 
 
 def _validate_mask(mask: torch.Tensor, guide: torch.Tensor) -> None:
@@ -98,7 +98,7 @@ def _validate_mask(mask: torch.Tensor, guide: torch.Tensor) -> None:
         raise ValueError(f"mask must have shape {expected} (guide is {_shape(guide)}), got {_shape(mask)}")
     m = mask if mask.is_floating_point() else mask.to(torch.float32)
     if not bool(torch.isfinite(m).all()) or float(m.min()) < 0.0 or float(m.max()) > 1.0:
-        raise ValueError("mask values must be finite and lie in [0, 1]")
+        raise ValueError(f"mask {_shape(mask)} values must be finite and lie in [0, 1]")
 
 
 def _prepare(
@@ -149,9 +149,22 @@ def class_logits(features: torch.Tensor, protos: torch.Tensor, size: tuple[int, 
     ``-||u - p_k||^2 = 2 u.p_k - ||p_k||^2 - ||u||^2``; the last term is the same for every class and
     cancels in the softmax, and the rest is linear in ``u``, so it is projected to K channels at the
     features' resolution and only those K channels are resized.
+
+    Features and prototypes are first centred on the prototypes' mean ``c`` (this changes the
+    logits by a per-pixel constant only). Without it, features sharing a large offset (e.g. after a
+    ReLU) make ``2 u.p_k`` and ``||p_k||^2`` huge and nearly equal, and float32 loses the
+    difference between classes. The centred copy is made a chunk of channels at a time.
     """
-    b, _, *spatial = features.shape
-    low = 2.0 * torch.bmm(protos, features.flatten(2)) - (protos * protos).sum(-1, keepdim=True)
+    b, c, *spatial = features.shape
+    center = protos.mean(1, keepdim=True)  # (B, 1, C); NaN for undefined images, as it should be
+    p = protos - center
+    flat = features.flatten(2)
+    step = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, flat.shape[0] * flat.shape[2]))
+    low = None
+    for s in range(0, c, step):
+        part = torch.bmm(p[:, :, s : s + step], flat[:, s : s + step] - center[:, 0, s : s + step, None])
+        low = part if low is None else low + part
+    low = 2.0 * low - (p * p).sum(-1, keepdim=True)
     return resize(low.reshape(b, protos.shape[1], *spatial), size)
 
 
@@ -264,8 +277,11 @@ def prototypes(
     """
     feats, guide, mask = _prepare(features, guide, mask)
     weights = class_weights(guide, mask)
-    _warn_or_raise(undefined_images(weights), strict, "prototypes")
-    return prototypes_from_weights(feats, weights).to(features.dtype)
+    bad = undefined_images(weights)
+    _warn_or_raise(bad, strict, "prototypes")
+    protos = prototypes_from_weights(feats, weights)
+    protos[bad] = math.nan  # the whole image, as documented, not only its empty class
+    return protos.to(features.dtype)
 
 
 def protoseg(
@@ -394,8 +410,11 @@ def sa_score(
             f"segmentation and reference must have the same shape, got {_shape(segmentation)} and {_shape(reference)}"
         )
     dtype = torch.float64 if torch.float64 in (segmentation.dtype, reference.dtype) else torch.float32
-    seg = segmentation.to(dtype).flatten(1)
-    ref = reference.to(device=segmentation.device, dtype=dtype).flatten(1)
+    # reshape, not flatten(1): a (B,) input (one value per image) has no dimension 1.
+    seg = segmentation.to(dtype).reshape(segmentation.shape[0], -1)
+    ref = reference.to(device=segmentation.device, dtype=dtype).reshape(reference.shape[0], -1)
+    if bool(torch.isinf(seg).any()):
+        raise ValueError(f"segmentation {_shape(segmentation)} contains Inf values")
     for name, t in (("segmentation", seg), ("reference", ref)):
         finite = t[torch.isfinite(t)]
         if bool(((finite != 0) & (finite != 1)).any()):

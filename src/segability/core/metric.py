@@ -6,7 +6,14 @@ from collections.abc import Mapping
 
 import torch
 
-from segability.core.functional import EmptyRule, score_layer, validate_features, validate_guide
+from segability.core.functional import (
+    EmptyRule,
+    _shape,
+    _validate_mask,
+    score_layer,
+    validate_features,
+    validate_guide,
+)
 
 __all__ = ["SegmentationAbility"]
 
@@ -73,11 +80,22 @@ class SegmentationAbility:
             features = {"features": features}
         if reference is None:
             reference = (guide > 0.5).to(guide.dtype if guide.is_floating_point() else torch.float32)
+        elif isinstance(reference, torch.Tensor) and isinstance(guide, torch.Tensor):
+            # score_layer assumes valid inputs: a reference of another shape would fail deep inside
+            # (or broadcast), and a soft reference would silently give a soft Dice.
+            if reference.shape != guide.shape:
+                raise ValueError(
+                    f"reference must have the guide's shape {_shape(guide)}, got {_shape(reference)}"
+                )
+            if bool(((reference != 0) & (reference != 1)).any()):
+                raise ValueError(f"reference {_shape(reference)} must be binary (0/1)")
         out = {}
         for name, feats in features.items():
             validate_features(feats, name=f"features[{name!r}]")
             validate_guide(guide, feats, channels=1)
             validate_guide(reference, feats, name="reference", channels=1)
+            if mask is not None:
+                _validate_mask(mask, guide)
             g = guide.to(device=feats.device, dtype=feats.dtype)
             r = reference.to(device=feats.device, dtype=feats.dtype)
             m = None if mask is None else mask.to(device=feats.device, dtype=feats.dtype)

@@ -60,7 +60,8 @@ def interpolation_matrix(
                 [0.2500, 0.7500],
                 [0.0000, 1.0000]], dtype=torch.float64)
     """
-    return _matrix_cpu64(int(n_in), int(n_out)).to(dtype=dtype, device=device)
+    # copy=True: the cached matrix must not be handed out, or an in-place edit would corrupt it.
+    return _matrix_cpu64(int(n_in), int(n_out)).to(dtype=dtype, device=device, copy=True)
 
 
 def resize_adjoint(g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -73,7 +74,7 @@ def resize_adjoint(g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if spatial == size:
         return g
     out = g
-    for axis, (n_out, n_in) in enumerate(zip(spatial, size)):
+    for axis, (n_out, n_in) in enumerate(zip(spatial, size, strict=True)):
         if n_out == n_in:
             continue
         m = interpolation_matrix(n_in, n_out, dtype=g.dtype, device=g.device)  # (S_d, s_d)
