@@ -1,0 +1,99 @@
+"""``segability report RESULT_DIR``: the HTML report of a result folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from segability.cli.app import app
+
+
+@app.command()
+def report(
+    result_dir: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            dir_okay=True,
+            help="Result folder (layers.parquet, images.parquet, ...).",
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            dir_okay=False,
+            help="HTML file to write (default: RESULT_DIR/report.html). An earlier report is replaced; any other file is not.",
+        ),
+    ] = None,
+    images: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--images",
+            help="Id of a kept image whose maps to show; repeat for several (default: the first --max-images).",
+        ),
+    ] = None,
+    max_images: Annotated[
+        int,
+        typer.Option("--max-images", min=1, help="How many kept images to show without --images."),
+    ] = 4,
+    slice_index: Annotated[
+        int | None,
+        typer.Option(
+            "--slice",
+            min=0,
+            help="Slice along the last axis for 3D images (default: largest target area).",
+        ),
+    ] = None,
+    title: Annotated[
+        str | None, typer.Option("--title", help="Page title (default: from the model name).")
+    ] = None,
+    findings: Annotated[
+        Path | None,
+        typer.Option(
+            "--findings",
+            exists=True,
+            dir_okay=False,
+            help="JSON list of statements for 'What this run shows' (default: RESULT_DIR/findings.json).",
+        ),
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report of a result folder."""
+    import json
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from segability.report import build_report
+
+    console = Console(stderr=True)
+    try:
+        statements = None
+        if findings is not None:
+            try:
+                statements = json.loads(findings.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--findings {findings} is not valid JSON: {err}") from err
+            if isinstance(statements, dict) and "findings" in statements:
+                statements = statements["findings"]
+            if not isinstance(statements, list):
+                raise ValueError(f"--findings {findings} must hold a JSON list of strings")
+        with console.status("Building the report…"):
+            path = build_report(
+                result_dir,
+                out,
+                images=images or None,
+                max_images=max_images,
+                slice_index=slice_index,
+                title=title,
+                findings=statements,
+            )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from err
+    size = path.stat().st_size / 1e6
+    typer.echo(f"Wrote {path} ({size:.1f} MB)")
