@@ -1,0 +1,676 @@
+"""SA as a tool: rank the units of a network by their segmentation ability and prune the weakest.
+
+A unit (an output channel of a convolution) whose feature map cannot segment the target on its
+own is a candidate for removal. :func:`unit_scores` ranks the units of every convolution by their
+SA against the label (``"sa"``), by the L1 norm of their filter (``"l1"``, Li et al., "Pruning
+filters for efficient ConvNets", ICLR 2017) or at random; :func:`mask_units` zeroes chosen units
+through forward hooks (nothing in the model is changed, the hooks are removed afterwards); and
+:func:`prune_curve` measures the output Dice as more and more of the lowest-ranked units are
+zeroed, for each ranking.
+
+The network's output convolutions are never pruned: the trailing convolutions, in forward order,
+whose outputs have as many channels as the model output (the head: a 1x1 classifier, or MONAI
+UNet's last up-convolution and its residual unit). Zeroing their units zeroes output classes, which
+says nothing about the ranking.
+
+Zeroing a unit zeroes the convolution's output channel, bias included; a following normalisation
+layer with an affine shift (e.g. BatchNorm) can still turn that channel into a constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from segability.analysis import INPUT, _label_target, analyze, model_probabilities
+from segability.capture import (
+    CONV_TYPES,
+    FeatureRecorder,
+    LayerSpec,
+    conv_layers,
+    eval_mode,
+    first_tensor,
+    resolve_layers,
+)
+from segability.core.functional import dice_from_counts
+
+__all__ = [
+    "RANKINGS",
+    "prunable_layers",
+    "filter_l1",
+    "unit_scores",
+    "units_to_prune",
+    "mask_units",
+    "output_dice",
+    "prune_curve",
+    "plot_prune_curve",
+]
+
+Ranking = Literal["sa", "l1", "random"]
+Scope = Literal["layer", "global"]
+RANKINGS: tuple[str, ...] = ("sa", "l1", "random")
+COLORS = {"sa": "#1b9e77", "l1": "#d95f02", "random": "#7570b3"}
+# Floating-point slack when turning a fraction into a unit count (0.3 * 10 -> 3, not 2).
+_EPS = 1e-9
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+
+
+def _batches(images: Any, labels: Any, batch_size: int, *, need_labels: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(images (B, C, *S), labels (B, 1, *S) or None)`` batches of same-shaped images.
+
+    Accepts a tensor (N, C, *S) with labels (N, 1, *S) / (N, *S), or sequences of single images
+    (C, *S) and labels (1, *S) / (*S), of any sizes.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if labels is None and need_labels:
+        raise ValueError("labels are needed: the Dice of the output and the SA ranking are measured against them")
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        x = _as_tensor(images, "images")
+        if x.ndim not in (3, 4, 5):
+            raise ValueError(f"images must have shape (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
+        y = None
+        if labels is not None:
+            y = _as_tensor(labels, "labels")
+            if y.ndim == x.ndim - 1:
+                y = y.unsqueeze(1)
+            if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+                raise ValueError(f"labels {tuple(y.shape)} do not match images {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("images is empty")
+        return [
+            (x[s : s + batch_size], None if y is None else y[s : s + batch_size])
+            for s in range(0, x.shape[0], batch_size)
+        ]
+    if not isinstance(images, Sequence) or isinstance(images, str):
+        raise ValueError(f"images must be a tensor (N, C, *spatial) or a sequence of images, got {type(images).__name__}")
+    if labels is not None and (not isinstance(labels, Sequence) or len(labels) != len(images)):
+        got = len(labels) if isinstance(labels, Sequence) else type(labels).__name__
+        raise ValueError(f"labels must be a sequence with one label per image: {len(images)} images, labels {got}")
+    if len(images) == 0:
+        raise ValueError("images is empty")
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for i, image in enumerate(images):
+        x = _as_tensor(image, f"images[{i}]")
+        y = None
+        if labels is not None:
+            y = _as_tensor(labels[i], f"labels[{i}]")
+            y = y.unsqueeze(0) if y.ndim == x.ndim - 1 else y
+            if y.shape[1:] != x.shape[1:]:
+                raise ValueError(f"labels[{i}] {tuple(y.shape)} does not match images[{i}] {tuple(x.shape)}")
+        if pending and (pending[0][0].shape != x.shape or len(pending) >= batch_size):
+            out.append(_stack(pending))
+            pending = []
+        pending.append((x, y))
+    out.append(_stack(pending))
+    return out
+
+
+def _stack(items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = torch.stack([i[0] for i in items])
+    y = None if items[0][1] is None else torch.stack([i[1] for i in items])
+    return x, y
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device)
+    return x if x.is_floating_point() else x.float()
+
+
+# ------------------------------------------------------------------------------------ layers
+def prunable_layers(
+    model: nn.Module,
+    example: torch.Tensor,
+    layers: LayerSpec | Literal["auto"] = "auto",
+    *,
+    output_key: str | None = None,
+) -> dict[str, int]:
+    """The layers whose units are ranked, with their unit (output channel) counts.
+
+    With ``layers="auto"``: every convolution the forward pass calls, in forward order, except the
+    output convolutions (the trailing convolutions whose outputs have as many channels as the
+    model output). An explicit selection is taken as given (output convolutions included).
+
+    Args:
+        model: the network.
+        example: an input batch (B, C, *S) for one forward pass (the first image is enough).
+        layers: "auto" or a selection (see :func:`segability.capture.resolve_layers`).
+        output_key: key of a dict output.
+
+    Returns:
+        ``{layer: channels}`` in forward order.
+
+    Raises:
+        ValueError: when nothing is left to prune, or a selected layer is not called.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> prunable_layers(net, torch.zeros(1, 1, 8, 8))
+        {'0': 4}
+    """
+    candidates = conv_layers(model) if layers == "auto" else [n for n, _ in resolve_layers(model, layers)]
+    if not candidates:
+        raise ValueError("the model has no convolution to prune: choose layers by name or type")
+    x = _float(_as_tensor(example, "example")[:1], _device(model))
+    with FeatureRecorder(model, candidates) as rec, eval_mode(model), torch.no_grad():
+        out = model(x)
+    if isinstance(out, dict):
+        out = out.get(output_key) if output_key is not None else None
+    out = first_tensor(out)
+    if out is None or out.ndim < 3:
+        raise ValueError("the model output must be a (B, K, *spatial) tensor (or a dict: give output_key)")
+    channels = {n: int(rec.outputs[n][-1].shape[1]) for n in rec.order if rec.outputs[n][-1].ndim >= 2}
+    missing = [n for n in candidates if n not in channels]
+    if layers != "auto" and missing:
+        raise ValueError(f"layers {missing} are not called in the forward pass (or give no (B, C, ...) output)")
+    order = [n for n in rec.order if n in channels]
+    if layers == "auto":
+        k = int(out.shape[1])
+        while order and channels[order[-1]] == k:  # the head: output convolutions
+            order.pop()
+        if not order:
+            raise ValueError("every convolution of the model is an output convolution: nothing to prune")
+    return {n: channels[n] for n in order}
+
+
+def filter_l1(module: nn.Module) -> torch.Tensor:
+    """L1 norm of each output filter's weights (bias excluded), one value per output channel.
+
+    Works for ``Conv1d/2d/3d`` (weight ``(out, in/groups, *k)``) and their transposed versions
+    (weight ``(in, out/groups, *k)``), with any number of groups.
+
+    Raises:
+        ValueError: for a module that is not a convolution.
+
+    Example:
+        >>> from torch import nn
+        >>> conv = nn.Conv2d(1, 2, 1, bias=False)
+        >>> _ = conv.weight.data.copy_(torch.tensor([1.0, -3.0]).view(2, 1, 1, 1))
+        >>> filter_l1(conv).tolist()
+        [1.0, 3.0]
+    """
+    if not isinstance(module, CONV_TYPES):
+        raise ValueError(f"the L1 ranking needs convolution layers, got {type(module).__name__}")
+    w = module.weight.detach().abs().double()
+    transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    if not transposed:
+        return w.flatten(1).sum(1).cpu()
+    g = module.groups
+    w = w.reshape(g, w.shape[0] // g, w.shape[1], -1)  # (groups, in/g, out/g, k)
+    return w.sum(dim=(1, 3)).reshape(-1).cpu()
+
+
+# ------------------------------------------------------------------------------------ ranking
+def unit_scores(
+    model: nn.Module,
+    images: Any,
+    labels: Any = None,
+    layers: LayerSpec | Literal["auto"] = "auto",
+    ranking: Ranking = "sa",
+    seed: int = 0,
+    *,
+    guide: Literal["label", "prediction"] = "label",
+    batch_size: int = 8,
+    output: str = "auto",
+    target: int | None = None,
+    output_key: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Importance of every unit of the prunable layers: higher means keep.
+
+    - ``"sa"``: the unit's SA against the label, averaged over ``images`` (from
+      :func:`segability.analyze` with ``units=True``; the prototypes come from ``guide``).
+    - ``"l1"``: the L1 norm of the unit's filter weights (:func:`filter_l1`); ``images`` only
+      find the layers.
+    - ``"random"``: uniform random scores from ``seed``.
+
+    Args:
+        model: the network.
+        images: a tensor (N, C, *S) or a sequence of images (C, *S), the ranking set.
+        labels: matching label maps (needed for ``"sa"``).
+        layers: "auto" (every convolution but the output convolutions) or a selection.
+        ranking: "sa", "l1" or "random".
+        seed: seed of the random ranking.
+        guide: prototypes from the label (default) or the network's prediction.
+        batch_size: images per forward pass.
+        output: how to read the model output ("auto", "sigmoid", "softmax", "probabilities").
+        target: the target class; default 1.
+        output_key: key of a dict output.
+
+    Returns:
+        ``{layer: (channels,) float64 scores}`` in forward order, on the CPU. Units whose SA is
+        undefined on every image score NaN and are pruned first.
+
+    Raises:
+        ValueError: an unknown ranking, ``"sa"`` without labels, malformed inputs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> s = unit_scores(net, torch.rand(2, 1, 8, 8), ranking="random", seed=0)
+        >>> list(s), tuple(s["0"].shape)
+        (['0'], (4,))
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+    batches = _batches(images, labels, batch_size, need_labels=ranking == "sa")
+    channels = prunable_layers(model, batches[0][0], layers, output_key=output_key)
+    return _scores(model, channels, batches, ranking, seed, guide, batch_size, output, target, output_key)
+
+
+def _scores(model, channels, batches, ranking, seed, guide, batch_size, output, target, output_key) -> dict[str, torch.Tensor]:
+    if ranking == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        return {n: torch.rand(c, generator=gen, dtype=torch.float64) for n, c in channels.items()}
+    if ranking == "l1":
+        modules = dict(model.named_modules())
+        return {n: filter_l1(modules[n]) for n in channels}
+    if any(y is None for _, y in batches):
+        raise ValueError('ranking="sa" needs labels')
+    x = [img for xb, _ in batches for img in xb]
+    y = [lab for _, yb in batches for lab in yb]
+    res = analyze(
+        model, x, y, layers=list(channels), units=True, guide=guide, output=output, target=target,
+        output_key=output_key, batch_size=batch_size,
+    )
+    units = res.units[res.units["layer"] != INPUT]
+    means = units.groupby(["layer", "unit"], sort=True)["sa"].mean()
+    out = {}
+    for name, c in channels.items():
+        values = torch.full((c,), math.nan, dtype=torch.float64)
+        if name in means.index.get_level_values(0):
+            part = means.loc[name]
+            values[torch.tensor(part.index.to_numpy(), dtype=torch.long)] = torch.tensor(part.to_numpy(), dtype=torch.float64)
+        out[name] = values
+    return out
+
+
+def units_to_prune(
+    scores: Mapping[str, torch.Tensor],
+    fraction: float,
+    scope: Scope = "layer",
+    *,
+    normalize: bool = False,
+) -> dict[str, list[int]]:
+    """The lowest-scored units: ``fraction`` of each layer's units, or of all units at once.
+
+    Counts are rounded down (``floor(fraction * units)``). Ties are broken by position (layer
+    order, then unit index); NaN scores count as the lowest.
+
+    Args:
+        scores: ``{layer: (channels,) scores}``, higher means keep (see :func:`unit_scores`).
+        fraction: in [0, 1].
+        scope: "layer" (the lowest ``fraction`` of every layer) or "global" (the lowest
+            ``fraction`` of all units of the network together).
+        normalize: divide each layer's scores by their L2 norm before a global ranking
+            (Molchanov et al., ICLR 2017), for scores whose scale differs between layers (L1).
+
+    Returns:
+        ``{layer: sorted unit indices}`` with an entry for every layer (possibly empty).
+
+    Example:
+        >>> import torch
+        >>> s = {"a": torch.tensor([3.0, 1.0, 2.0]), "b": torch.tensor([0.5, 9.0])}
+        >>> units_to_prune(s, 0.5)
+        {'a': [1], 'b': [0]}
+        >>> units_to_prune(s, 0.4, "global")
+        {'a': [1], 'b': [0]}
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f'scope must be "layer" or "global", got {scope!r}')
+    if not scores:
+        raise ValueError("scores is empty: no layer to prune")
+    clean = {}
+    for name, s in scores.items():
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).cpu()
+        clean[name] = torch.nan_to_num(s, nan=-math.inf)
+    if scope == "layer":
+        out = {}
+        for name, s in clean.items():
+            k = math.floor(fraction * s.numel() + _EPS)
+            order = torch.sort(s, stable=True).indices[:k]
+            out[name] = sorted(int(i) for i in order)
+        return out
+    parts = []
+    for s in clean.values():
+        if normalize:
+            finite = s[torch.isfinite(s)]
+            norm = float(finite.norm()) if finite.numel() else 0.0
+            s = s / norm if norm > 0 else s
+        parts.append(s)
+    flat = torch.cat(parts)
+    k = math.floor(fraction * flat.numel() + _EPS)
+    chosen = torch.sort(flat, stable=True).indices[:k].tolist()
+    offsets = np.cumsum([0] + [s.numel() for s in clean.values()])
+    out = {name: [] for name in clean}
+    names = list(clean)
+    for i in sorted(chosen):
+        layer = int(np.searchsorted(offsets, i, side="right")) - 1
+        out[names[layer]].append(int(i - offsets[layer]))
+    return out
+
+
+# ------------------------------------------------------------------------------------ masking
+@contextmanager
+def mask_units(model: nn.Module, units: Mapping[str, Sequence[int]]) -> Iterator[nn.Module]:
+    """Zero chosen output channels of chosen layers while the context is open.
+
+    Each listed layer gets a forward hook that returns its output with those channels set to
+    zero (a new tensor: the model's parameters are untouched, gradients still flow through the
+    other channels). The hooks are removed on exit, also when the body raises.
+
+    Args:
+        model: the network.
+        units: ``{layer name: unit indices}``; layers with no index are left alone.
+
+    Raises:
+        ValueError: an unknown layer (with close matches), or a unit index outside the layer's
+            channels (checked at once for convolutions, at the forward pass otherwise).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 3, 1))
+        >>> with mask_units(net, {"0": [1]}):
+        ...     out = net(torch.ones(1, 1, 2, 2))
+        >>> float(out[0, 1].detach().abs().sum())
+        0.0
+    """
+    if not isinstance(units, Mapping):
+        raise ValueError(f"units must be a mapping {{layer: [unit indices]}}, got {type(units).__name__}")
+    modules = dict(model.named_modules())
+    plan = []
+    for name, indices in units.items():
+        if not isinstance(name, str) or name not in modules or name == "":
+            resolve_layers(model, name)  # raises with close matches
+            raise ValueError(f"units keys must be layer names, got {name!r}")
+        idx = sorted({int(i) for i in indices})
+        if not idx:
+            continue
+        module = modules[name]
+        channels = getattr(module, "out_channels", None)
+        if idx[0] < 0 or (isinstance(channels, int) and idx[-1] >= channels):
+            raise ValueError(f"unit indices of {name!r} must be in [0, {channels}), got {idx}")
+        plan.append((name, module, torch.tensor(idx, dtype=torch.long)))
+    handles = []
+    try:
+        for name, module, idx in plan:
+            handles.append(module.register_forward_hook(_zero_channels(name, idx)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _zero_channels(name: str, idx: torch.Tensor):
+    def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim < 2:
+            raise ValueError(f"cannot mask units of {name!r}: its output is not a (B, C, ...) tensor")
+        if int(idx[-1]) >= output.shape[1]:
+            raise ValueError(f"unit {int(idx[-1])} of {name!r} is outside its {output.shape[1]} channels")
+        return output.index_fill(1, idx.to(output.device), 0)
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------ curve
+@torch.no_grad()
+def output_dice(
+    model: nn.Module,
+    images: Any,
+    labels: Any,
+    *,
+    batch_size: int = 8,
+    output: str = "auto",
+    target: int | None = None,
+    output_key: str | None = None,
+) -> torch.Tensor:
+    """Dice of the model's binarised output against the label, one value per image.
+
+    The output is read as in :func:`segability.analyze` (sigmoid > 0.5 for one channel, argmax
+    == target otherwise); two empty maps give 1.
+
+    Returns:
+        (N,) float64 Dice on the CPU.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Conv2d(1, 1, 1)
+        >>> _ = net.weight.data.fill_(1.0); _ = net.bias.data.fill_(-0.5)
+        >>> x = torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]])
+        >>> output_dice(net, x, torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])).tolist()
+        [0.8]
+    """
+    return _dice(model, _batches(images, labels, batch_size), output, target, output_key)
+
+
+def _dice(model, batches, output, target, output_key) -> torch.Tensor:
+    dev = _device(model)
+    values = []
+    with eval_mode(model), torch.no_grad():
+        for x, y in batches:
+            x = _float(x, dev)
+            _, pred, k = model_probabilities(model(x), output, 1 if target is None else int(target), output_key)
+            lab = _label_target(y.to(dev), k, 1 if target is None else int(target), target is not None)
+            if lab.shape != pred.shape:
+                raise ValueError(f"labels {tuple(y.shape)} do not match the model output {tuple(pred.shape)}")
+            p, t = pred.flatten(1).double(), lab.flatten(1).double()
+            values.append(dice_from_counts((p * t).sum(1), p.sum(1), t.sum(1), "one").cpu())
+    return torch.cat(values)
+
+
+def prune_curve(
+    model: nn.Module,
+    images: Any,
+    labels: Any,
+    fractions: Sequence[float] = (0, 0.1, 0.2, 0.3, 0.5),
+    rankings: Sequence[Ranking] = ("sa", "l1", "random"),
+    seeds: Sequence[int] = (0, 1, 2),
+    scope: Scope = "layer",
+    *,
+    layers: LayerSpec | Literal["auto"] = "auto",
+    rank_images: Any = None,
+    rank_labels: Any = None,
+    guide: Literal["label", "prediction"] = "label",
+    batch_size: int = 8,
+    output: str = "auto",
+    target: int | None = None,
+    output_key: str | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Output Dice as the lowest-ranked units are zeroed, for each ranking.
+
+    For every ranking and fraction, the units chosen by :func:`units_to_prune` (per layer, or
+    over the whole network for ``scope="global"``, where L1 scores are L2-normalised per layer)
+    are zeroed with :func:`mask_units` and the mean Dice of the output against the label is
+    measured on ``images``. The random ranking is repeated for every seed; SA and L1 are
+    deterministic and measured once. The output convolutions are never pruned (see
+    :func:`prunable_layers`).
+
+    Args:
+        model: the network.
+        images: evaluation images, a tensor (N, C, *S) or a sequence of images (C, *S).
+        labels: matching labels.
+        fractions: fractions of units to zero, each in [0, 1].
+        rankings: any of "sa", "l1", "random".
+        seeds: seeds of the random ranking.
+        scope: "layer" or "global".
+        layers: "auto" or a selection of the layers whose units may be zeroed.
+        rank_images: the images the SA ranking is measured on (default ``images``; ranking and
+            evaluating on the same labelled images favours SA, give a separate set to avoid it).
+        rank_labels: their labels.
+        guide: prototypes of the SA ranking from the label (default) or the prediction.
+        batch_size: images per forward pass.
+        output: how to read the model output.
+        target: the target class; default 1.
+        output_key: key of a dict output.
+        progress: show a progress bar.
+
+    Returns:
+        DataFrame with columns ``ranking``, ``fraction``, ``seed`` (nullable integer: the seed of a
+        random ranking, missing for SA and L1), ``dice`` (mean over images) and
+        ``pruned_units`` (how many units were zeroed).
+
+    Raises:
+        ValueError: malformed arguments or inputs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> x, y = torch.rand(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
+        >>> df = prune_curve(net, x, y, fractions=(0, 0.5), rankings=("l1",))
+        >>> df[["ranking", "fraction", "pruned_units"]].values.tolist()
+        [['l1', 0.0, 0], ['l1', 0.5, 2]]
+    """
+    fractions = [float(f) for f in _sequence(fractions, "fractions")]
+    for f in fractions:
+        if not 0 <= f <= 1:
+            raise ValueError(f"fractions must be in [0, 1], got {f}")
+    rankings = list(_sequence(rankings, "rankings"))
+    unknown = [r for r in rankings if r not in RANKINGS]
+    if unknown:
+        raise ValueError(f"rankings must be among {', '.join(RANKINGS)}, got {unknown}")
+    seeds = [int(s) for s in _sequence(seeds, "seeds")] if "random" in rankings else []
+    if scope not in ("layer", "global"):
+        raise ValueError(f'scope must be "layer" or "global", got {scope!r}')
+    if guide not in ("label", "prediction"):
+        raise ValueError(f'guide must be "label" or "prediction", got {guide!r}')
+    evaluation = _batches(images, labels, batch_size)
+    if (rank_images is None) != (rank_labels is None) and "sa" in rankings:
+        raise ValueError("give rank_images and rank_labels together")
+    ranking_set = evaluation if rank_images is None else _batches(rank_images, rank_labels, batch_size)
+    channels = prunable_layers(model, evaluation[0][0], layers, output_key=output_key)
+
+    runs = [(r, s) for r in rankings for s in (seeds if r == "random" else [None])]
+    total = len(runs) * len(fractions)
+    rows = []
+    baseline: float | None = None
+    with _progress(progress, total) as advance:
+        for ranking, seed in runs:
+            scores = _scores(
+                model, channels, ranking_set, ranking, 0 if seed is None else seed, guide, batch_size, output, target,
+                output_key,
+            )
+            for f in fractions:
+                chosen = units_to_prune(scores, f, scope, normalize=ranking == "l1")
+                pruned = sum(len(v) for v in chosen.values())
+                if pruned == 0 and baseline is not None:
+                    dice = baseline
+                else:
+                    with mask_units(model, chosen):
+                        dice = float(_dice(model, evaluation, output, target, output_key).mean())
+                    if pruned == 0:
+                        baseline = dice
+                rows.append({"ranking": ranking, "fraction": f, "seed": seed, "dice": dice, "pruned_units": pruned})
+                advance(1)
+    table = pd.DataFrame(rows, columns=["ranking", "fraction", "seed", "dice", "pruned_units"])
+    return table.astype({"ranking": str, "fraction": float, "seed": "Int64", "dice": float, "pruned_units": int})
+
+
+def _sequence(values: Any, name: str) -> Sequence[Any]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty list, got {values!r}")
+    return values
+
+
+class _progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self._bar = enabled, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._bar = Progress(TextColumn("pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._bar.__enter__()
+        task = self._bar.add_task("prune", total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------ figure
+def plot_prune_curve(table: pd.DataFrame, path: str | Path | None = None, *, title: str | None = None):
+    """Dice against the fraction of units zeroed, one line per ranking.
+
+    Rankings measured with several seeds (random) are drawn as their mean with a min-max band.
+    Uses the Agg canvas (no display needed).
+
+    Args:
+        table: the output of :func:`prune_curve` (columns ranking, fraction, seed, dice).
+        path: where to save the figure (PNG), or None.
+        title: the figure title.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: when columns are missing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    missing = {"ranking", "fraction", "dice"} - set(table.columns)
+    if missing:
+        raise ValueError(f"table needs the columns ranking, fraction, dice; missing {sorted(missing)}")
+    fig = Figure(figsize=(5.5, 4.0), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    order = [r for r in RANKINGS if r in set(table["ranking"])] + sorted(set(table["ranking"]) - set(RANKINGS))
+    for ranking in order:
+        part = table[table["ranking"] == ranking]
+        stats = part.groupby("fraction", sort=True)["dice"].agg(["mean", "min", "max", "count"])
+        color = COLORS.get(ranking)
+        label = {"sa": "SA (unit vs label)", "l1": "L1 norm of filter", "random": "random"}.get(ranking, ranking)
+        if int(stats["count"].max()) > 1:
+            n = int(stats["count"].max())
+            ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2, linewidth=0)
+            label = f"{label} (mean, min-max of {n} seeds)"
+        ax.plot(stats.index, stats["mean"], marker="o", color=color, label=label)
+    ax.set_xlabel("fraction of units zeroed")
+    ax.set_ylabel("output Dice (mean over images)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(title or "Pruning the lowest-ranked units")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
