@@ -267,7 +267,7 @@ def _quality_gate(model: Any, images: pd.DataFrame, clean_layers: pd.DataFrame, 
         input_sa=cal["input_sa_pred"].to_numpy(), seed=cfg.seed,
     )
     held = images[~is_cal]
-    qc = quality_gate(held, calibration, threshold=cfg.threshold)
+    qc = quality_gate(held, calibration, threshold=cfg.threshold, input_column="input_sa_pred")
     qc = qc.merge(held[["image", "dice", "group", "severity"]], on="image", how="left")
     est_ok = qc.dropna(subset=["estimated_dice", "dice"])
     mae = float((est_ok["estimated_dice"] - est_ok["dice"]).abs().mean()) if len(est_ok) else math.nan

@@ -34,7 +34,7 @@ REFERENCE_ARCH: dict[str, Any] = {
     "strides": (2, 2, 2),
     "num_res_units": 1,
     "dropout": 0.1,
-    "norm": "instance",
+    "norm": "batch",
 }
 
 

@@ -33,8 +33,8 @@ __all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of"]
 class TrainConfig:
     """Settings of a reference-model training run (all recorded in the card)."""
 
-    epochs: int = 12
-    n_train: int = 480
+    epochs: int = 14
+    n_train: int = 320
     n_val: int = 64
     size: int = 128
     batch_size: int = 16
@@ -133,7 +133,7 @@ def train_reference(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         val_dice = _validate(model, vx, vy)
         res = analyze(model, vx[: cfg.sa_images], vy[: cfg.sa_images], batch_size=cfg.sa_images)
         summary = res.layers.groupby(["depth", "layer"], sort=True)[["sa", "sa_pred"]].mean().reset_index()

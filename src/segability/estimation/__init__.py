@@ -1,7 +1,7 @@
 """Label-free output quality from SA scores: layer choice, calibration, the gate, baselines, metrics.
 
 Layer 3 of segability: it reads the ``layers`` / ``images`` tables of an analysis run (pandas) and
-torch probability maps; it imports only :mod:`segability.core` below it.
+torch probability maps; :mod:`segability.estimation.qc` runs the analysis layer below it.
 """
 
 from segability.estimation.baselines import (
@@ -34,9 +34,16 @@ from segability.estimation.gate import (
     REASON_NO_INPUT_SA,
     quality_gate,
 )
+from segability.estimation.qc import QCEvaluation, baseline_scores, evaluate_qc, fit_calibration, method_scores, qc
 from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa, select_layers
 
 __all__ = [
+    "qc",
+    "evaluate_qc",
+    "fit_calibration",
+    "baseline_scores",
+    "method_scores",
+    "QCEvaluation",
     "mean_sa",
     "select_layers",
     "decoder_layers",

@@ -1,0 +1,333 @@
+"""Label-free quality control of a model's outputs, and its evaluation against the baselines.
+
+:func:`qc` runs the analysis on unlabelled images and applies a saved :class:`Calibration`;
+:func:`evaluate_qc` measures every method (SA-based and baselines) on labelled images: calibrate on
+one part of the images (split by source), evaluate on the rest, repeat over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from segability.analysis import INPUT, SAResult, analyze, model_probabilities
+from segability.capture import eval_mode
+from segability.estimation.baselines import (
+    boundary_confidence,
+    mc_dropout_agreement,
+    mean_entropy,
+    mean_max_prob_foreground,
+    tta_flip_agreement,
+)
+from segability.estimation.calibration import Calibration, fingerprint, state_dict_hash
+from segability.estimation.evaluation import MetricUndefinedWarning, aurc, eaurc, failure_auroc, pearson, spearman
+from segability.estimation.gate import quality_gate
+from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa
+
+__all__ = [
+    "QC_COLUMNS",
+    "COMPARISON_COLUMNS",
+    "QCEvaluation",
+    "baseline_scores",
+    "method_scores",
+    "qc",
+    "evaluate_qc",
+    "fit_calibration",
+]
+
+QC_COLUMNS = ["image", "mean_sa_pred", "input_sa", "estimated_dice", "lower", "upper", "flag", "reason"]
+COMPARISON_COLUMNS = ["method", "spearman", "pearson", "mae", "aurc", "eaurc", "auroc"]
+SINGLE_PASS = ("entropy", "max_prob_foreground", "boundary_confidence")
+
+
+def _batches(images: torch.Tensor, batch_size: int):
+    for s in range(0, images.shape[0], batch_size):
+        yield s, images[s : s + batch_size]
+
+
+def baseline_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    ids: Sequence[str] | None = None,
+    output: str = "auto",
+    target: int | None = None,
+    output_key: str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    tta: bool = True,
+    mc_dropout: bool | None = None,
+    n_mc: int = 8,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The baselines of Zenk et al. (MedIA 2025) per image; higher = better expected quality.
+
+    Columns: ``image``, ``entropy`` (negated mean entropy), ``max_prob_foreground``,
+    ``boundary_confidence`` (one forward pass each, shared), ``tta_flip`` (pairwise Dice over flips)
+    and ``mc_dropout`` (pairwise Dice over ``n_mc`` dropout passes; only when the model has
+    dropout and ``mc_dropout`` is not False).
+    """
+    params = next(iter(model.parameters()), None)
+    dev = torch.device(device) if device is not None else (params.device if params is not None else torch.device("cpu"))
+    has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    use_mc = has_dropout if mc_dropout is None else (mc_dropout and has_dropout)
+    tgt = 1 if target is None else target
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return model_probabilities(model(x), output, tgt, output_key)[0]
+
+    cols: dict[str, list[float]] = {k: [] for k in (*SINGLE_PASS, "tta_flip", "mc_dropout")}
+    with eval_mode(model), torch.no_grad():
+        for _, x in _batches(images, batch_size):
+            x = x.to(dev).float()
+            prob = predict(x)
+            cols["entropy"] += mean_entropy(prob).cpu().tolist()
+            cols["max_prob_foreground"] += mean_max_prob_foreground(prob).cpu().tolist()
+            cols["boundary_confidence"] += boundary_confidence(prob).cpu().tolist()
+            cols["tta_flip"] += tta_flip_agreement(predict, x).cpu().tolist() if tta else [math.nan] * len(x)
+            if use_mc:
+                cols["mc_dropout"] += mc_dropout_agreement(model, x, predict, n=n_mc, seed=seed).cpu().tolist()
+    table = pd.DataFrame({"image": [str(i) for i in (ids if ids is not None else range(len(images)))]})
+    for k, v in cols.items():
+        if v:
+            table[k] = v
+    return table
+
+
+def method_scores(
+    result: SAResult,
+    *,
+    layer_sets: dict[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """SA-based scores per image from an analysis: ``sa_all`` (mean ``sa_pred`` over every layer,
+    the paper's), ``sa_decoder``, ``sa_input`` (``input_sa_pred``) and one column per extra layer set."""
+    layers = result.layers
+    hidden = [n for n in layers["layer"].unique() if n != INPUT]
+    out = pd.DataFrame({"image": result.images["image"].astype(str)})
+    out["sa_all"] = out["image"].map(mean_sa(layers, hidden))
+    dec = decoder_layers(layers[layers["layer"] != INPUT])
+    if dec:
+        out["sa_decoder"] = out["image"].map(mean_sa(layers, dec))
+    out["sa_input"] = result.images["input_sa_pred"].to_numpy()
+    for name, chosen in (layer_sets or {}).items():
+        out[name] = out["image"].map(mean_sa(layers, list(chosen)))
+    return out
+
+
+def fit_calibration(
+    model: nn.Module,
+    result: SAResult,
+    *,
+    layers: Sequence[str] | None = None,
+    method: str = "auto",
+    alpha: float = 0.1,
+    seed: int = 0,
+) -> Calibration:
+    """Fit a :class:`Calibration` of mean ``sa_pred`` (over ``layers``, default all) to true Dice
+    on a labelled analysis of ``model``."""
+    hidden = [n for n in result.layers["layer"].unique() if n != INPUT]
+    used = list(layers) if layers is not None else hidden
+    if result.images["dice"].isna().all():
+        raise ValueError("calibration needs labelled images: every dice is NaN (give --labels)")
+    score = result.images["image"].map(mean_sa(result.layers, used))
+    return Calibration.fit(
+        score.to_numpy(), result.images["dice"].to_numpy(), method=method, alpha=alpha,
+        fingerprint=fingerprint(state_dict_hash(model), used), layers=used,
+        input_sa=result.images["input_sa_pred"].to_numpy(), seed=seed,
+    )
+
+
+def qc(
+    model: nn.Module,
+    images: Any,
+    *,
+    calibration: Calibration,
+    threshold: float = 0.75,
+    use_lower: bool = False,
+    **analyze_kwargs: Any,
+) -> tuple[pd.DataFrame, SAResult]:
+    """Label-free quality gate: analyse ``images`` and flag outputs whose estimated Dice is low.
+
+    Args:
+        model: the network (the one the calibration was made for: checked by fingerprint).
+        images: as for :func:`segability.analyze` (no labels needed).
+        calibration: a :class:`Calibration` (e.g. ``Calibration.load("calibration.json")``).
+        threshold: flag below this estimated Dice.
+        use_lower: compare the interval's lower end instead of the estimate.
+        **analyze_kwargs: passed to :func:`segability.analyze` (``batch_size``, ``device``, ...).
+
+    Returns:
+        ``(qc table with QC_COLUMNS, the analysis result)``.
+
+    Raises:
+        ValueError: the calibration was made for another model or layer set.
+    """
+    calibration.check_fingerprint(fingerprint(state_dict_hash(model), calibration.layers))
+    result = analyze(model, images, **analyze_kwargs)
+    missing = set(calibration.layers) - set(result.layers["layer"])
+    if missing:
+        raise ValueError(f"the calibration uses layers the analysis did not produce: {sorted(missing)[:5]}")
+    gate = quality_gate(
+        result.images, calibration, threshold=threshold, use_lower=use_lower, layers=result.layers,
+        input_column="input_sa_pred",
+    )
+    return gate[QC_COLUMNS], result
+
+
+@dataclass
+class QCEvaluation:
+    """Output of :func:`evaluate_qc`: the comparison (mean over seeds, with ``*_std``), per-seed rows,
+    and per-image scores (``image``, ``dice``, one column per method)."""
+
+    comparison: pd.DataFrame
+    per_seed: pd.DataFrame
+    scores: pd.DataFrame
+
+
+def _metrics(dice: np.ndarray, score: np.ndarray, estimate: np.ndarray, threshold: float) -> dict[str, float]:
+    ok = np.isfinite(dice)
+    d, s, e = dice[ok], score[ok], estimate[ok]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricUndefinedWarning)
+        return {
+            "spearman": spearman(s, d),
+            "pearson": pearson(s, d),
+            "mae": float(np.nanmean(np.abs(e - d))) if np.isfinite(e).any() else math.nan,
+            "aurc": aurc(1 - d, s),
+            "eaurc": eaurc(1 - d, s),
+            "auroc": failure_auroc(d, s, threshold),
+        }
+
+
+def evaluate_qc(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ids: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    calibration_fraction: float = 0.5,
+    threshold: float = 0.75,
+    tta: bool = True,
+    mc_dropout: bool | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    result: SAResult | None = None,
+    progress: bool = False,
+    **analyze_kwargs: Any,
+) -> QCEvaluation:
+    """Measure the SA-based quality estimators and the baselines side by side on labelled images.
+
+    For each seed, the images are split by ``sources`` (images made from the same source image
+    stay on one side) into a calibration part and an evaluation part. On the calibration part:
+    the "calibrated" layer set (layers whose ``sa_pred`` best follows Dice), every method's map to
+    Dice (isotonic or linear, :class:`Calibration`) and the combined estimator ``sa_combined``
+    (a linear model of ``sa_all``, ``sa_input`` and the best single-pass baseline). On the
+    evaluation part: Spearman and Pearson with Dice, MAE of the calibrated estimate, AURC and
+    e-AURC (risk = 1 - Dice), failure AUROC at Dice < ``threshold``.
+
+    Args:
+        model: the network.
+        images: (N, C, *S) images.
+        labels: (N, 1, *S) labels.
+        ids: image ids (default the index).
+        sources: the source of each image (default: the image itself).
+        seeds: one calibration/evaluation split per seed.
+        calibration_fraction: share of sources used for calibration.
+        threshold: failure threshold on Dice.
+        tta: include the flip test-time augmentation baseline.
+        mc_dropout: include MC dropout (default: when the model has dropout).
+        batch_size: images per forward pass.
+        device: where to run.
+        result: an existing labelled analysis of the same images (skips the analysis).
+        progress: progress bars.
+        **analyze_kwargs: passed to :func:`segability.analyze`.
+
+    Returns:
+        :class:`QCEvaluation`.
+
+    Raises:
+        ValueError: when labels are missing or do not match the images.
+    """
+    if labels is None:
+        raise ValueError("evaluate_qc needs labels: give --labels (a folder of label maps paired with --images)")
+    if not 0 < calibration_fraction < 1:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    ids = [str(i) for i in (ids if ids is not None else range(len(images)))]
+    if result is None:
+        result = analyze(model, images, labels, ids=ids, batch_size=batch_size, device=device, progress=progress, **analyze_kwargs)
+    if result.images["dice"].isna().all():
+        raise ValueError("evaluate_qc needs labelled images: every Dice is NaN")
+    base = baseline_scores(model, images, ids=ids, tta=tta, mc_dropout=mc_dropout, batch_size=batch_size, device=device)
+    sa = method_scores(result)
+    scores = result.images[["image", "dice"]].merge(sa, on="image").merge(base, on="image")
+    src = pd.Series(list(sources) if sources is not None else ids, index=ids)
+    layers = result.layers[result.layers["layer"] != INPUT]
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        uniq = src.unique()
+        cal_src = set(rng.choice(uniq, size=max(2, int(round(len(uniq) * calibration_fraction))), replace=False))
+        is_cal = scores["image"].map(src).isin(cal_src).to_numpy()
+        cal_ids = set(scores.loc[is_cal, "image"])
+        cal_dice = scores.loc[is_cal].set_index("image")["dice"]
+        rho = layer_spearman(layers[layers["image"].isin(cal_ids)], cal_dice).dropna()
+        k = max(1, len(rho) // 4)
+        chosen = list(rho.sort_values(ascending=False).index[:k])
+        seed_scores = scores.copy()
+        seed_scores["sa_calibrated"] = seed_scores["image"].map(mean_sa(layers, chosen))
+        methods = [c for c in seed_scores.columns if c not in ("image", "dice")]
+        best_single = max(
+            (m for m in SINGLE_PASS if m in seed_scores),
+            key=lambda m: abs(spearman(seed_scores.loc[is_cal, m], seed_scores.loc[is_cal, "dice"])),
+        )
+        seed_scores["sa_combined"] = _linear_combination(
+            seed_scores, ["sa_all", "sa_input", best_single], is_cal
+        )
+        methods.append("sa_combined")
+        dice = seed_scores["dice"].to_numpy(float)
+        for m in methods:
+            s = seed_scores[m].to_numpy(float)
+            est = _calibrated(s, dice, is_cal, seed)
+            row = _metrics(dice[~is_cal], s[~is_cal], est[~is_cal], threshold)
+            rows.append({"seed": seed, "method": m, **row, "n_calibration": int(is_cal.sum()), "n_evaluation": int((~is_cal).sum())})
+    per_seed = pd.DataFrame(rows)
+    metric_cols = COMPARISON_COLUMNS[1:]
+    agg = per_seed.groupby("method", sort=False)[metric_cols]
+    comparison = agg.mean().join(agg.std(ddof=0).add_suffix("_std")).reset_index()
+    comparison = comparison.sort_values("spearman", ascending=False, key=lambda s: s.fillna(-2)).reset_index(drop=True)
+    return QCEvaluation(comparison=comparison, per_seed=per_seed, scores=scores)
+
+
+def _calibrated(score: np.ndarray, dice: np.ndarray, is_cal: np.ndarray, seed: int) -> np.ndarray:
+    ok = is_cal & np.isfinite(score) & np.isfinite(dice)
+    if ok.sum() < 8:
+        return np.full_like(score, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = Calibration.fit(score[ok], dice[ok], method="auto", fingerprint=fingerprint("-", ["-"]), layers=["-"], seed=seed)
+    est = np.full_like(score, math.nan)
+    finite = np.isfinite(score)
+    est[finite] = cal.predict(score[finite])["estimated_dice"].to_numpy()
+    return est
+
+
+def _linear_combination(scores: pd.DataFrame, columns: list[str], is_cal: np.ndarray) -> np.ndarray:
+    """Least-squares fit of Dice on ``columns`` over the calibration part; applied to all images."""
+    x = scores[columns].to_numpy(float)
+    y = scores["dice"].to_numpy(float)
+    ok = is_cal & np.isfinite(x).all(1) & np.isfinite(y)
+    design = np.column_stack([x, np.ones(len(x))])
+    coef, *_ = np.linalg.lstsq(design[ok], y[ok], rcond=None)
+    out = design @ coef
+    out[~np.isfinite(x).all(1)] = math.nan
+    return out

@@ -1,0 +1,110 @@
+"""Label-free QC (`segability.qc`) and its evaluation against baselines (`segability.evaluate_qc`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import segability
+from segability.estimation.qc import COMPARISON_COLUMNS, QC_COLUMNS, fit_calibration
+
+
+class SmoothThreshold(nn.Module):
+    """A fixed 'segmentation network': smooth, then threshold at 0.5 — noise makes it fail."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.smooth = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.smooth.weight.copy_(torch.stack([torch.full((1, 3, 3), 1 / 9) * s for s in (1.0, 0.5, -1.0, 2.0)]))
+        self.drop = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(4, 1, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1) * 20)
+            self.head.bias.fill_(-10.0)
+
+    def forward(self, x):
+        return self.head(self.drop(self.smooth(x)))
+
+
+def _blobs(n: int, noise: np.ndarray, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    images, labels = [], []
+    for i in range(n):
+        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(4, 8)
+        lab = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).astype(np.float32)
+        images.append(lab * 0.8 + 0.1 + rng.normal(0, noise[i], lab.shape))
+        labels.append(lab)
+    return torch.tensor(np.array(images), dtype=torch.float32)[:, None], torch.tensor(np.array(labels))[:, None]
+
+
+@pytest.fixture(scope="module")
+def data():
+    noise = np.linspace(0.0, 1.0, 48)
+    x, y = _blobs(48, noise)
+    return x, y, noise
+
+
+def test_evaluate_qc_table_and_ranking(data):
+    x, y, noise = data
+    torch.manual_seed(0)
+    model = SmoothThreshold(dropout=0.2)
+    ev = segability.evaluate_qc(model, x, y, seeds=(0, 1), batch_size=16)
+    assert list(ev.comparison.columns[: len(COMPARISON_COLUMNS)]) == COMPARISON_COLUMNS
+    methods = set(ev.comparison["method"])
+    assert {"sa_all", "sa_input", "sa_calibrated", "sa_combined", "entropy", "max_prob_foreground",
+            "boundary_confidence", "tta_flip", "mc_dropout"} <= methods
+    assert set(ev.per_seed["seed"]) == {0, 1}
+    # More noise -> worse output: true Dice falls with noise, and the label-free SA follows it.
+    scores = ev.scores.set_index("image")
+    assert scores["dice"].corr(pd.Series(noise, index=scores.index), method="spearman") < -0.5
+    row = ev.comparison.set_index("method").loc["sa_all"]
+    assert row["spearman"] > 0.5
+    assert 0 <= row["mae"] <= 0.3
+    assert 0 <= row["aurc"] <= 1 and row["eaurc"] >= -1e-12
+
+
+def test_evaluate_qc_needs_labels(data):
+    x, _, _ = data
+    with pytest.raises(ValueError, match="labels"):
+        segability.evaluate_qc(SmoothThreshold(), x, None)
+
+
+def test_qc_flags_with_reasons_and_refuses_a_foreign_calibration(data, tmp_path):
+    x, y, _ = data
+    model = SmoothThreshold()
+    res = segability.analyze(model, x, y)
+    cal = fit_calibration(model, res)
+    cal.save(tmp_path / "calibration.json")
+    loaded = segability.Calibration.load(tmp_path / "calibration.json")
+    table, result = segability.qc(model, x, calibration=loaded, threshold=0.9)
+    assert list(table.columns) == QC_COLUMNS
+    assert result.images["dice"].isna().all()  # label-free run
+    flagged = table[table["flag"]]
+    assert len(flagged) > 0 and (flagged["reason"] != "").all()
+    # Estimated Dice follows true Dice on these images.
+    truth = res.images.set_index("image")["dice"]
+    est = table.set_index("image")["estimated_dice"]
+    assert est.corr(truth.loc[est.index], method="spearman") > 0.5
+    other = SmoothThreshold()
+    with torch.no_grad():
+        other.head.bias.fill_(-9.0)
+    with pytest.raises(ValueError, match="(?i)fingerprint|another model|different model"):
+        segability.qc(other, x, calibration=loaded)
+
+
+def test_empty_prediction_is_flagged_not_perfect():
+    model = SmoothThreshold()
+    x = torch.zeros(3, 1, 32, 32)  # nothing above threshold: empty predictions
+    x[0, 0, 8:20, 8:20] = 0.9
+    xs, ys = _blobs(24, np.linspace(0, 0.5, 24))
+    cal = fit_calibration(model, segability.analyze(model, xs, ys))
+    table, _ = segability.qc(model, x, calibration=cal)
+    empty = table.iloc[1:]
+    assert empty["flag"].all()
+    assert empty["reason"].str.contains("empty").all()
+    assert empty["estimated_dice"].isna().all()
