@@ -1,0 +1,141 @@
+"""``segability analyze`` (folders of image files, resumable, local or Ray) and ``segability layers``.
+
+Thin shells over :func:`segability.batch.analyze_files` and :func:`segability.list_layers`. Exit
+codes: 0 every image analysed, 1 some image failed (listed in ``errors.csv``), 2 a usage error
+(bad arguments, files or model; existing results without ``--resume`` / ``--force``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from segability.cli.app import app
+
+EXIT_USAGE = 2
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _fail(console, message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+@app.command("analyze")
+def analyze_command(
+    model: str = typer.Option(..., "--model", help="Model factory: path/to/file.py:factory or package.module:factory (or a whole pickled model file, with --trust-pickle)."),
+    weights: Path | None = typer.Option(None, "--weights", help="State dict file (torch.save(model.state_dict())), read with weights_only=True; a checkpoint with a 'state_dict' or 'model' entry works too."),
+    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable); values are read as JSON/Python literals."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling whole models. Unpickling can execute arbitrary code: only for files you trust."),
+    images: str = typer.Option(..., "--images", help="Folder of images, glob pattern ('scans/**/*.nii.gz') or one file. DICOM series: one sub-folder each."),
+    labels: str | None = typer.Option(None, "--labels", help="Folder (or glob) of labels, paired with images by file name stem."),
+    label_suffix: str = typer.Option("", "--label-suffix", help="Text after the image stem in label names, e.g. '_seg'."),
+    out: Path = typer.Option(..., "--out", help="Run folder (results are never overwritten without --force)."),
+    layers: list[str] | None = typer.Option(None, "--layers", help="Layer names or glob patterns (repeatable or comma-separated); default every convolution. See `segability layers`."),
+    units: bool = typer.Option(False, "--units", help="Also score every unit (channel) of every layer."),
+    guide: str = typer.Option("prediction", "--guide", help="Prototypes from the network's 'prediction' (label-free) or the 'label'."),
+    output: str = typer.Option("auto", "--output", help="How to read the model output: auto, sigmoid, softmax or probabilities."),
+    target: int | None = typer.Option(None, "--target", help="Target class of a K-channel output or a multi-class label (default 1)."),
+    mask: str | None = typer.Option(None, "--mask", help="'nonzero': only pixels where the image is non-zero shape the prototypes."),
+    output_key: str | None = typer.Option(None, "--output-key", help="Key of the output when the model returns a dict."),
+    preprocess: str | None = typer.Option(None, "--preprocess", help="Preprocessing: a JSON/YAML config (orientation, spacing, intensity, size) or file.py:fn."),
+    roi_size: str | None = typer.Option(None, "--roi-size", help="Sliding-window size for large volumes, e.g. 96,96,96 (scores accumulated over windows)."),
+    overlap: float = typer.Option(0.25, "--overlap", help="Sliding-window overlap in [0, 1)."),
+    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
+    keep_maps: int = typer.Option(0, "--keep-maps", help="Keep the feature segmentation maps of the first N images (for the report)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray Data actors; pip install 'segability[ray]')."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Address of an existing Ray cluster (default: a local Ray for this run)."),
+    workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: every CPU, or every GPU / --gpus-per-worker)."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray actor; > 0 runs the actors on CUDA."),
+    device: str | None = typer.Option(None, "--device", help="Device of the local engine (default cuda when available, else cpu)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip images already done, retry failed ones."),
+    force: bool = typer.Option(False, "--force", help="Delete the results of an earlier run in --out first."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Analyse every image file of a folder: SA per image and layer, written per image as it finishes."""
+    from rich.console import Console
+
+    err = Console(stderr=True, soft_wrap=True)
+    console = Console(soft_wrap=True)
+    try:
+        from segability.batch import analyze_files
+        from segability.io import parse_model_args, parse_shape
+
+        summary = analyze_files(
+            model, images, labels, out=out, weights=weights, model_args=parse_model_args(model_arg),
+            trust_pickle=trust_pickle, layers=_split(layers) or "auto", units=units, guide=guide, output=output,
+            target=target, mask=mask, output_key=output_key, preprocess=preprocess, label_suffix=label_suffix,
+            roi_size=None if roi_size is None else parse_shape(roi_size, argument="--roi-size"), overlap=overlap,
+            sw_batch_size=sw_batch_size, keep_maps=keep_maps, engine=engine, ray_address=ray_address, workers=workers,
+            gpus_per_worker=gpus_per_worker, device=device, resume=resume, force=force, report=not no_report,
+            progress=not no_progress,
+        )  # fmt: skip
+    except (ValueError, FileExistsError) as exc:
+        _fail(err, str(exc))
+        return
+    except RuntimeError as exc:  # the engine itself failed (e.g. a Ray worker died); shards so far are kept
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if summary.unpaired_images:
+        err.print(f"[yellow]note:[/yellow] {len(summary.unpaired_images)} image(s) without a label (analysed without one): "
+                  f"{[Path(p).name for p in summary.unpaired_images][:10]}", highlight=False)  # fmt: skip
+    if summary.unpaired_labels:
+        err.print(f"[yellow]note:[/yellow] {len(summary.unpaired_labels)} label(s) without an image (ignored): "
+                  f"{[Path(p).name for p in summary.unpaired_labels][:10]}", highlight=False)  # fmt: skip
+    for row in summary.errors.head(10).itertuples(index=False):
+        err.print(f"[red]failed:[/red] {row.file}: {row.error}", highlight=False, markup=True)
+    if summary.n_failed > 10:
+        err.print(f"... and {summary.n_failed - 10} more (see {summary.paths['errors']})")
+    resumed = f", {summary.n_resumed} from an earlier run" if summary.n_resumed else ""
+    console.print(
+        f"{summary.n_ok} of {summary.n_images} images analysed{resumed}, {summary.n_failed} failed, "
+        f"in {summary.seconds:.1f} s. Results: {summary.out}", highlight=False,
+    )  # fmt: skip
+    if "report" in summary.paths:
+        console.print(f"Report: {summary.paths['report']}", highlight=False)
+    elif summary.report_error:
+        err.print(f"[yellow]note:[/yellow] the report was not built: {summary.report_error}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("layers")
+def layers_command(
+    model: str = typer.Option(..., "--model", help="Model factory: path/to/file.py:factory or package.module:factory."),
+    weights: Path | None = typer.Option(None, "--weights", help="State dict file (read with weights_only=True)."),
+    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling whole models (only for files you trust)."),
+    example_shape: str | None = typer.Option(None, "--example-shape", help="Input shape, e.g. 1,1,128,128: run the model once and show each layer's output shape, in call order."),
+    device: str = typer.Option("cpu", "--device", help="Device for the example forward pass."),
+) -> None:
+    """List a model's layers (names to give --layers), with output shapes for an example input."""
+    from rich.console import Console
+    from rich.table import Table
+
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        import torch
+
+        from segability import list_layers
+        from segability.io import load_model, parse_model_args, parse_shape
+
+        net = load_model(model, weights, trust_pickle=trust_pickle, device=device, model_args=parse_model_args(model_arg))
+        example = None if example_shape is None else torch.zeros(parse_shape(example_shape), device=device)
+        try:
+            infos = list_layers(net, example)
+        except RuntimeError as exc:
+            raise ValueError(f"--example-shape {example_shape}: the model cannot run on it: {exc}") from exc
+    except ValueError as exc:
+        _fail(err, str(exc))
+        return
+    table = Table(title=f"{type(net).__name__}: {len(infos)} layers" + ("" if example is None else " (call order)"))
+    for col in ("layer", "type", "output shape", "parameters"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for info in infos:
+        shape = "" if info.shape is None else "x".join(str(s) for s in info.shape)
+        table.add_row(info.name, info.type, shape, f"{info.parameters:,}")
+    Console(width=200).print(table)
