@@ -52,6 +52,21 @@ def _models(quick: bool):
     yield "MONAI UNet 3D (16-128 ch)", unet3d, ((1, 1, 64, 64, 64) if quick else (1, 1, 96, 96, 96))
 
 
+def _cases(model, x, y) -> dict:
+    b = x.shape[0]
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    return {
+        "forward": forward,
+        "analyze (label-free)": lambda: analyze(model, x, batch_size=b),
+        "analyze (with labels)": lambda: analyze(model, x, y, batch_size=b),
+        "analyze + units": lambda: analyze(model, x, y, batch_size=b, units=True),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,16 +86,7 @@ def main() -> None:
             y = (torch.sigmoid(model(x)) > 0.5).float()
         y = torch.where(y.sum() > 0, y, (x > 0.7).float())
 
-        def forward():
-            with torch.no_grad():
-                model(x)
-
-        cases = {
-            "forward": forward,
-            "analyze (label-free)": lambda: analyze(model, x, batch_size=shape[0]),
-            "analyze (with labels)": lambda: analyze(model, x, y, batch_size=shape[0]),
-            "analyze + units": lambda: analyze(model, x, y, batch_size=shape[0], units=True),
-        }
+        cases = _cases(model, x, y)
         times = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

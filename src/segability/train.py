@@ -9,7 +9,6 @@ epoch the validation Dice and the SA of every layer (the paper's training figure
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 import time
@@ -33,10 +32,13 @@ __all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of"]
 class TrainConfig:
     """Settings of a reference-model training run (all recorded in the card)."""
 
-    epochs: int = 14
-    n_train: int = 320
+    epochs: int = 12
+    steps_per_epoch: int = 200
+    n_train: int = 600
     n_val: int = 64
     size: int = 128
+    crop: int = 64
+    positive_fraction: float = 0.6
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0
@@ -58,6 +60,31 @@ def dice_of(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     p, t = pred.flatten(1).double(), label.flatten(1).double()
     den = p.sum(1) + t.sum(1)
     return torch.where(den > 0, 2 * (p * t).sum(1) / den.clamp_min(1e-12), torch.ones_like(den))
+
+
+def _sample_crops(
+    x: torch.Tensor, y: torch.Tensor, n: int, crop: int, positive_fraction: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random ``crop``-sized patches; a ``positive_fraction`` of them centred on a lesion pixel.
+
+    Patches make a step four times cheaper than whole 128^2 slices, and centring on lesions
+    balances the rare target class; the network is fully convolutional, so it runs on whole
+    slices afterwards.
+    """
+    size = x.shape[-2:]
+    xs, ys = [], []
+    for _ in range(n):
+        i = int(torch.randint(len(x), (1,), generator=gen))
+        fg = torch.nonzero(y[i, 0])
+        if len(fg) and float(torch.rand(1, generator=gen)) < positive_fraction:
+            centre = fg[int(torch.randint(len(fg), (1,), generator=gen))]
+        else:
+            centre = torch.stack([torch.randint(s, (1,), generator=gen)[0] for s in size])
+        top = [int(min(max(int(c) - crop // 2, 0), s - crop)) for c, s in zip(centre, size, strict=True)]
+        window = (slice(top[0], top[0] + crop), slice(top[1], top[1] + crop))
+        xs.append(x[i, :, window[0], window[1]])
+        ys.append(y[i, :, window[0], window[1]])
+    return torch.stack(xs), torch.stack(ys)
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,18 +143,17 @@ def train_reference(
 
     model = reference_unet()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps = cfg.epochs * math.ceil(len(tx) / cfg.batch_size)
+    steps = cfg.epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     history: list[pd.DataFrame] = []
     start = time.perf_counter()
     model.train()
     for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(tx), generator=gen)
         losses = []
-        for s in range(0, len(tx), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            x, y = _augment(tx[idx], ty[idx], gen)
+        for _ in range(cfg.steps_per_epoch):
+            x, y = _sample_crops(tx, ty, cfg.batch_size, cfg.crop, cfg.positive_fraction, gen)
+            x, y = _augment(x, y, gen)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()

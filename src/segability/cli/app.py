@@ -28,11 +28,14 @@ def main() -> None:
 
 
 # Command modules (each registers its commands on `app`).
-from segability.cli import core_commands  # noqa: E402,F401
-from segability.cli import demo_commands  # noqa: E402,F401
-from segability.cli import report  # noqa: E402,F401
-from segability.cli import prune  # noqa: E402,F401
-from segability.cli import analyze  # noqa: E402,F401
+from segability.cli import (
+    analyze,  # noqa: E402,F401
+    core_commands,  # noqa: E402,F401
+    demo_commands,  # noqa: E402,F401
+    prune,  # noqa: E402,F401
+    qc,  # noqa: E402,F401
+    report,  # noqa: E402,F401
+)
 
 if __name__ == "__main__":  # `python -m segability.cli.app`: run the module the commands registered on
     from segability.cli.app import main as _main

@@ -34,7 +34,14 @@ from segability.estimation.gate import (
     REASON_NO_INPUT_SA,
     quality_gate,
 )
-from segability.estimation.qc import QCEvaluation, baseline_scores, evaluate_qc, fit_calibration, method_scores, qc
+from segability.estimation.qc import (
+    QCEvaluation,
+    baseline_scores,
+    evaluate_qc,
+    fit_calibration,
+    method_scores,
+    qc,
+)
 from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa, select_layers
 
 __all__ = [

@@ -28,7 +28,14 @@ from segability.estimation.baselines import (
     tta_flip_agreement,
 )
 from segability.estimation.calibration import Calibration, fingerprint, state_dict_hash
-from segability.estimation.evaluation import MetricUndefinedWarning, aurc, eaurc, failure_auroc, pearson, spearman
+from segability.estimation.evaluation import (
+    MetricUndefinedWarning,
+    aurc,
+    eaurc,
+    failure_auroc,
+    pearson,
+    spearman,
+)
 from segability.estimation.gate import quality_gate
 from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa
 
