@@ -1,7 +1,9 @@
 """Capture the outputs of chosen layers of any ``torch.nn.Module`` with forward hooks.
 
 Layers are chosen by dotted name, glob pattern (``"decoder.*"``), module type, module object or
-predicate ``(name, module) -> bool``, or a list of those. Hooks never leak: they are removed in
+predicate ``(name, module) -> bool``, or a list of those. In a glob, ``*`` and ``?`` stay inside one
+dotted part (``"vit.blocks.*"`` is the blocks, not their sub-modules) and ``**`` spans any number
+of parts (``"decoder.**"`` is everything inside the decoder). Hooks never leak: they are removed in
 ``finally``, also when the forward pass raises, and nothing in the model is changed.
 """
 
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +31,7 @@ __all__ = [
     "first_tensor",
 ]
 
-LayerSpec = Union[str, type, nn.Module, Callable[[str, nn.Module], bool], Sequence[Any]]
+LayerSpec = str | type | nn.Module | Callable[[str, nn.Module], bool] | Sequence[Any]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -80,6 +83,35 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [n for n, m in _named(model) if isinstance(m, CONV_TYPES)]
 
 
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob over dotted names: ``*``/``?`` match within one part, ``**`` across parts."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if ch == "*":
+            out.append(r"[^.]*")
+        elif ch == "?":
+            out.append(r"[^.]")
+        elif ch == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(ch))
+            else:
+                body = pattern[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _close_matches(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     if not close:
@@ -118,14 +150,22 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[tuple[str, nn.Mo
     for spec in specs:
         if isinstance(spec, str):
             if any(ch in spec for ch in "*?["):
-                hits = [n for n in names if fnmatch.fnmatchcase(n, spec)]
+                regex = _glob_regex(spec)
+                hits = [n for n in names if regex.match(n)]
                 if not hits:
-                    raise ValueError(f"the pattern {spec!r} matches no layer of the model")
+                    loose = [n for n in names if fnmatch.fnmatchcase(n, spec)][:5]
+                    hint = f" Names it would match across dots: {', '.join(map(repr, loose))}; use '**'." if loose else ""
+                    raise ValueError(
+                        f"the pattern {spec!r} matches no layer of the model ('*' stays within one dotted "
+                        f"part).{hint} `segability.list_layers(model)` lists them all."
+                    )
             elif spec in names:
                 hits = [spec]
             else:
                 raise ValueError(_close_matches(spec, names))
-        elif isinstance(spec, type) and issubclass(spec, nn.Module):
+        elif isinstance(spec, type):
+            if not issubclass(spec, nn.Module):
+                raise ValueError(f"a type in layers must be an nn.Module subclass, got {spec.__name__}")
             hits = [n for n, m in named if isinstance(m, spec)]
             if not hits:
                 raise ValueError(f"the model has no layer of type {spec.__name__}")
@@ -150,14 +190,20 @@ class FeatureRecorder:
     """Context manager that records the outputs of chosen layers during forward passes.
 
     Outputs are detached (no graph is kept); each call of a hooked module appends to
-    ``outputs[name]``, and ``order`` lists the layer names in the order they were first called.
-    Hooks are removed on exit, also when the forward pass raised; exceptions propagate.
+    ``outputs[name]``, ``calls[name]`` counts the calls, and ``order`` lists the layer names in the
+    order they were first called. With ``callback``, each output is handed to
+    ``callback(name, output)`` inside the hook instead of being stored, so it can be reduced while
+    the forward pass goes on (nothing is kept). Hooks are removed on exit, also when the forward
+    pass raised; exceptions propagate. The model itself is never changed.
 
     Args:
         model: any ``nn.Module``.
         layers: the selection (see :func:`resolve_layers`).
-        clone: copy each output (safe against later in-place ops such as ``ReLU(inplace=True)``,
-            at the cost of memory). Without a copy, ``modified_in_place`` tells which outputs changed.
+        clone: copy each stored output (safe against later in-place ops such as
+            ``ReLU(inplace=True)``, at the cost of memory). Without a copy, ``modified_in_place``
+            tells which outputs changed.
+        callback: called as ``callback(name, output)`` for every call of a selected layer whose
+            output holds a tensor; ``calls[name]`` already counts this call.
 
     Example:
         >>> import torch
@@ -169,11 +215,20 @@ class FeatureRecorder:
         {'0': (1, 4, 8, 8), '2': (1, 1, 8, 8)}
     """
 
-    def __init__(self, model: nn.Module, layers: LayerSpec, *, clone: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec,
+        *,
+        clone: bool = False,
+        callback: Callable[[str, torch.Tensor], None] | None = None,
+    ):
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.clone = clone
+        self.callback = callback
         self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.calls: dict[str, int] = {}
         self.order: list[str] = []
         self._versions: dict[str, list[int]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -185,14 +240,18 @@ class FeatureRecorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if name not in self.calls:
+                self.order.append(name)
+            self.calls[name] = self.calls.get(name, 0) + 1
             tensor = first_tensor(output)
             if tensor is None:
                 return
             tensor = tensor.detach()
+            if self.callback is not None:
+                self.callback(name, tensor)
+                return
             if self.clone:
                 tensor = tensor.clone()
-            if name not in self.outputs:
-                self.order.append(name)
             self.outputs.setdefault(name, []).append(tensor)
             self._versions.setdefault(name, []).append(tensor._version)
 
@@ -222,18 +281,32 @@ class FeatureRecorder:
 
     def modified_in_place(self, name: str) -> bool:
         """Whether an output of ``name`` was changed in place after it was recorded."""
-        return any(t._version != v for t, v in zip(self.outputs.get(name, []), self._versions.get(name, [])))
+        return any(t._version != v for t, v in zip(self.outputs.get(name, []), self._versions.get(name, []), strict=True))
 
     def clear(self) -> None:
-        """Forget all recorded outputs (hooks stay registered)."""
+        """Forget all recorded outputs and call counts (hooks stay registered)."""
         self.outputs.clear()
         self._versions.clear()
+        self.calls.clear()
         self.order.clear()
 
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore every submodule's own ``training`` flag afterwards."""
+    """Put ``model`` in eval mode and restore every submodule's own ``training`` flag afterwards.
+
+    Each submodule gets back its own flag (a frozen, eval-mode part of a training model stays in
+    eval mode), also when the body raises.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -289,6 +362,9 @@ def list_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[L
     try:
         for n, m in named:
             handles.append(m.register_forward_hook(make_hook(n)))
+        first = next(iter(model.parameters()), None)
+        if first is not None and isinstance(example, torch.Tensor):
+            example = example.to(first.device)
         with eval_mode(model), torch.no_grad():
             model(example)
     finally:
