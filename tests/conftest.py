@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
+# One torch thread per test process: the suite also starts subprocesses (CLI runs, Ray workers),
+# and two OpenMP threads per process on a 2-core machine thrash (10x slower steps were measured).
+torch.set_num_threads(1)
+
 
 def direct_protoseg(
     features: torch.Tensor, guide: torch.Tensor, mask: torch.Tensor | None = None

@@ -22,7 +22,7 @@ from scipy import stats
 
 from segability.analysis import INPUT, RESULT_FILES, SAResult, analyze
 
-__all__ = ["DemoConfig", "DemoSummary", "run_demo", "decoder_start", "layer_findings"]
+__all__ = ["DemoConfig", "DemoSummary", "run_demo", "demo_data", "decoder_start", "layer_findings"]
 
 
 @dataclass
@@ -141,6 +141,18 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def demo_data(cfg: DemoConfig, cache_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """The demo's clean test set and its shifted suite (every shift at every severity on the
+    first ``n_shift`` clean slices)."""
+    from segability.datasets import mni_lesions
+    from segability.datasets.shifts import SHIFTS, shifted_suite
+
+    clean = mni_lesions(cfg.n_test, "test", size=cfg.size, seed=cfg.seed, cache_dir=cache_dir)
+    source = clean.subset(list(range(min(cfg.n_shift, len(clean)))))
+    suite = shifted_suite(source, shifts=cfg.shifts or SHIFTS, severities=cfg.severities, seed=cfg.seed)
+    return clean, suite
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     *,
@@ -166,8 +178,7 @@ def run_demo(
     """
     import torch
 
-    from segability.datasets import mni_lesions
-    from segability.datasets.shifts import SHIFTS, shifted_suite
+    from segability.datasets.shifts import SHIFTS
     from segability.models import load_reference_model, reference_card
 
     cfg = config or DemoConfig()
@@ -180,9 +191,7 @@ def run_demo(
     with _step("load model and data", timing, console):
         model = load_reference_model()
         card = reference_card()
-        clean = mni_lesions(cfg.n_test, "test", size=cfg.size, seed=cfg.seed, cache_dir=cache_dir)
-        source = clean.subset(list(range(min(cfg.n_shift, len(clean)))))
-        suite = shifted_suite(source, shifts=cfg.shifts or SHIFTS, severities=cfg.severities, seed=cfg.seed)
+        clean, suite = demo_data(cfg, cache_dir)
         cx, cy = clean.as_tensors()
         sx, sy = suite.as_tensors()
 

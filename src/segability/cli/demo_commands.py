@@ -56,6 +56,7 @@ def train(
     n_train: int | None = typer.Option(None, "--n-train", help="Training slices."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint in --out."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir"),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads (1 is fastest on a busy machine)."),
 ) -> None:
     """Train the reference model (what is shipped in the package) and record SA per layer per epoch."""
     from rich.console import Console
@@ -69,7 +70,7 @@ def train(
     if (out / "reference_unet.pt").exists() and not force:
         console.print(f"[red]error:[/red] {out / 'reference_unet.pt'} exists; pass --force to overwrite it")
         raise typer.Exit(2)
-    cfg = TrainConfig(seed=seed)
+    cfg = TrainConfig(seed=seed, threads=threads)
     if epochs is not None:
         cfg.epochs = epochs
     if n_train is not None:

@@ -33,15 +33,15 @@ def _out_dir(console, out: Path, names: tuple[str, ...], force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _load(console, model: str, weights: Path | None, images: str, labels: str | None, target: int | None, need_labels: bool, same_size: bool):
+def _load(console, model: str, weights: Path | None, images: str, labels: str | None, target: int | None, need_labels: bool, same_size: bool, model_arg: list[str] | None = None):
     """Model, image tensors, label tensors (or None) and ids; usage errors exit with code 2."""
     import torch
 
     from segability.io.images import find_images, pair_labels, read_image
-    from segability.io.models import load_model
+    from segability.io.models import load_model, parse_model_args
 
     try:
-        net = load_model(model, weights)
+        net = load_model(model, weights, model_args=parse_model_args(model_arg))
         paths = find_images(images, argument="--images")
         if labels is None and need_labels:
             _fail(console, "--labels is required: evaluate-qc and calibrate measure true Dice against label files")
@@ -72,13 +72,14 @@ def _load(console, model: str, weights: Path | None, images: str, labels: str | 
             _fail(console, f"images of different shapes {sorted(shapes)[:3]}: evaluate-qc needs one size (resample them first)")
         xs = torch.stack(xs)
         ys = torch.stack(ys) if ys else None
-    return net, xs, (ys or None), ids
+    return net, xs, (ys if len(ys) else None), ids
 
 
 @app.command("qc")
 def qc_command(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     weights: Path | None = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable)."),
     images: str = typer.Option(..., "--images", help="Folder or glob of unlabelled images."),
     calibration: Path | None = typer.Option(None, "--calibration", help="calibration.json from `segability calibrate` (same model and layers; checked)."),
     out: Path = typer.Option(..., "--out", help="Folder for qc.csv, the analysis tables and report.html."),
@@ -99,7 +100,7 @@ def qc_command(
     from segability.analysis import RESULT_FILES
 
     _out_dir(console, out, ("qc.csv", *RESULT_FILES), force)
-    net, xs, _, ids = _load(console, model, weights, images, None, None, need_labels=False, same_size=False)
+    net, xs, _, ids = _load(console, model, weights, images, None, None, need_labels=False, same_size=False, model_arg=model_arg)
     from segability.estimation import Calibration
     from segability.estimation.qc import qc
 
@@ -131,6 +132,7 @@ def qc_command(
 def calibrate_command(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     weights: Path | None = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable)."),
     images: str = typer.Option(..., "--images", help="Folder or glob of labelled calibration images."),
     labels: str = typer.Option(..., "--labels", help="Folder of labels paired with --images by file name."),
     out: Path = typer.Option(Path("calibration.json"), "--out", help="Calibration file to write."),
@@ -145,7 +147,7 @@ def calibrate_command(
     console = Console()
     if out.exists() and not force:
         _fail(console, f"{out} exists; pass --force to replace it")
-    net, xs, ys, ids = _load(console, model, weights, images, labels, target, need_labels=True, same_size=False)
+    net, xs, ys, ids = _load(console, model, weights, images, labels, target, need_labels=True, same_size=False, model_arg=model_arg)
     from segability.analysis import analyze
     from segability.estimation.qc import fit_calibration
 
@@ -160,15 +162,19 @@ def calibrate_command(
 
 @app.command("evaluate-qc")
 def evaluate_qc_command(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
     weights: Path | None = typer.Option(None, "--weights", help=WEIGHTS_HELP),
-    images: str = typer.Option(..., "--images", help="Folder or glob of labelled images (one size)."),
+    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable)."),
+    images: str | None = typer.Option(None, "--images", help="Folder or glob of labelled images (one size)."),
     labels: str | None = typer.Option(None, "--labels", help="Folder of labels paired with --images by file name."),
     out: Path = typer.Option(..., "--out", help="Folder for qc_comparison.csv and qc_scores.csv."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Calibration/evaluation splits, comma-separated."),
     threshold: float = typer.Option(0.75, "--threshold", help="Failure threshold on Dice (AUROC)."),
     target: int | None = typer.Option(None, "--target"),
     force: bool = typer.Option(False, "--force"),
+    demo: bool = typer.Option(False, "--demo", help="The shipped reference model on the demo's clean test set and shifted suite (no --model/--images)."),
+    n_shift: int = typer.Option(24, "--n-shift", help="With --demo: source slices of the shifted suite."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="With --demo: data cache."),
 ) -> None:
     """Measure the SA-based quality estimators and the baselines side by side on labelled images."""
     from rich.console import Console
@@ -180,15 +186,38 @@ def evaluate_qc_command(
     except ValueError:
         _fail(console, f"--seeds must be comma-separated integers, got {seeds!r}")
     _out_dir(console, out, ("qc_comparison.csv", "qc_scores.csv"), force)
-    net, xs, ys, ids = _load(console, model, weights, images, labels, target, need_labels=True, same_size=True)
+    sources = None
+    if demo:
+        if model is not None or images is not None:
+            _fail(console, "--demo uses the shipped model and data: leave out --model and --images")
+        import pandas as pd
+        import torch
+
+        from segability.demo import DemoConfig, demo_data
+        from segability.models import load_reference_model
+
+        net = load_reference_model()
+        clean, suite = demo_data(DemoConfig(n_shift=n_shift), cache_dir)
+        (cx, cy), (sx, sy) = clean.as_tensors(), suite.as_tensors()
+        xs, ys = torch.cat([cx, sx]), torch.cat([cy, sy])
+        ids = [*clean.ids, *suite.ids]
+        sources = [i.split("|")[0] for i in ids]
+        groups = pd.DataFrame({"image": ids, "group": ["clean"] * len(clean) + list(suite.meta["shift"].astype(str)),
+                               "severity": [0.0] * len(clean) + list(suite.meta["severity"].astype(float))})
+    else:
+        if model is None or images is None:
+            _fail(console, "--model and --images are required (or --demo)")
+        net, xs, ys, ids = _load(console, model, weights, images, labels, target, need_labels=True, same_size=True, model_arg=model_arg)
+        groups = None
     from segability.estimation.qc import COMPARISON_COLUMNS, evaluate_qc
 
     try:
-        ev = evaluate_qc(net, xs, ys, ids=ids, seeds=seed_list, threshold=threshold, target=target, progress=True)
+        ev = evaluate_qc(net, xs, ys, ids=ids, sources=sources, seeds=seed_list, threshold=threshold, target=target, progress=True)
     except ValueError as exc:
         _fail(console, str(exc))
     ev.comparison.to_csv(out / "qc_comparison.csv", index=False)
-    ev.scores.to_csv(out / "qc_scores.csv", index=False)
+    scores = ev.scores if groups is None else ev.scores.merge(groups, on="image", how="left")
+    scores.to_csv(out / "qc_scores.csv", index=False)
     ev.per_seed.to_csv(out / "qc_per_seed.csv", index=False)
     view = Table(title=f"Quality estimators on {len(ids)} images, mean over {len(seed_list)} splits")
     for col in COMPARISON_COLUMNS:
