@@ -44,7 +44,10 @@ from segability.core.functional import (
 )
 from segability.core.resize import resize
 
-__all__ = ["SAResult", "analyze", "load_result", "tokens_to_grid", "model_probabilities"]
+__all__ = [
+    "label_target",
+    "layer_features",
+    "progress_bar","SAResult", "analyze", "load_result", "tokens_to_grid", "model_probabilities"]
 
 INPUT = "input"
 RESULT_FILES = ("layers.parquet", "images.parquet", "units.parquet", "settings.json", "maps.npz")
@@ -419,7 +422,7 @@ def model_probabilities(
     raise ValueError(f'output must be "auto", "sigmoid", "softmax" or "probabilities", got {output!r}')
 
 
-def _label_target(label: torch.Tensor, k: int, target: int | None, target_given: bool) -> torch.Tensor:
+def label_target(label: torch.Tensor, k: int, target: int | None, target_given: bool) -> torch.Tensor:
     """Binary float32 target mask (B, 1, *S) from a label map (B, 1, *S) or one-hot labels (B, K, *S).
 
     A binary target (one-channel model output, no ``target`` given) needs 0/1 labels; a label map
@@ -538,6 +541,44 @@ class _Context:
 Rows = tuple[list[dict[str, Any]], "pd.DataFrame | None"]
 
 
+def layer_features(
+    output: torch.Tensor,
+    batch: int,
+    spatial: Sequence[int],
+    reshape: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor | None, str]:
+    """A layer output read as (B, C, *spatial) features, or None and why it cannot be.
+
+    The rules of :func:`analyze`: a ``reshape`` callable first (None falls through); then outputs
+    with the input's number of dims (channels-last moved to channels-first when only that reading
+    fits the grid); then transformer tokens (B, N, C) on the grid ``spatial // p``.
+    """
+    spatial = tuple(spatial)
+    if reshape is not None:
+        reshaped = reshape(output)
+        if reshaped is not None:
+            if not isinstance(reshaped, torch.Tensor) or reshaped.ndim != len(spatial) + 2 or reshaped.shape[0] != batch:
+                got = tuple(reshaped.shape) if isinstance(reshaped, torch.Tensor) else type(reshaped).__name__
+                raise ValueError(
+                    f"reshape must return features (B={batch}, C, *spatial) with {len(spatial)} spatial dims "
+                    f"(or None), got {got} for an output {tuple(output.shape)}"
+                )
+            return reshaped, ""
+    shape = tuple(output.shape)
+    if not output.is_floating_point():
+        return None, f"skipped: output {shape} is not floating point ({output.dtype})"
+    if output.ndim < 3 or shape[0] != batch:
+        return None, f"skipped: output {shape} is not a batch of {batch} feature maps"
+    if output.ndim == len(spatial) + 2:
+        return _channels_first(output, spatial), ""
+    if output.ndim == 3 and len(spatial) >= 2:
+        grid = tokens_to_grid(output, spatial)
+        if grid is not None:
+            return grid, ""
+        return None, f"skipped: token output {shape} does not fit the input grid {spatial} at any patch size; give reshape="
+    return None, f"skipped: output {shape} is not (B, C, *spatial) with {len(spatial)} spatial dims"
+
+
 class _Analysis:
     """The state of one analyze() run: rows and kept maps, filled batch by batch."""
 
@@ -557,33 +598,7 @@ class _Analysis:
 
     def features_of(self, output: torch.Tensor, ctx: _Context) -> tuple[torch.Tensor | None, str]:
         """The layer output as (B, C, *spatial) features, or None and why it is skipped."""
-        b, spatial = len(ctx.ids), ctx.spatial
-        if self.reshape is not None:
-            reshaped = self.reshape(output)
-            if reshaped is not None:
-                if not isinstance(reshaped, torch.Tensor) or reshaped.ndim != len(spatial) + 2 or reshaped.shape[0] != b:
-                    got = tuple(reshaped.shape) if isinstance(reshaped, torch.Tensor) else type(reshaped).__name__
-                    raise ValueError(
-                        f"reshape must return features (B={b}, C, *spatial) with {len(spatial)} spatial dims "
-                        f"(or None), got {got} for an output {tuple(output.shape)}"
-                    )
-                return reshaped, ""
-        shape = tuple(output.shape)
-        if not output.is_floating_point():
-            return None, f"skipped: output {shape} is not floating point ({output.dtype})"
-        if output.ndim < 3 or shape[0] != b:
-            return None, f"skipped: output {shape} is not a batch of {b} feature maps"
-        if output.ndim == len(spatial) + 2:
-            return _channels_first(output, spatial), ""
-        if output.ndim == 3 and len(spatial) >= 2:
-            grid = tokens_to_grid(output, spatial)
-            if grid is not None:
-                return grid, ""
-            return None, (
-                f"skipped: token output {shape} does not fit the input grid {spatial} "
-                "at any patch size; give reshape="
-            )
-        return None, f"skipped: output {shape} is not (B, C, *spatial) with {len(spatial)} spatial dims"
+        return layer_features(output, len(ctx.ids), ctx.spatial, self.reshape)
 
     def layer(self, name: str, output: torch.Tensor, ctx: _Context) -> Rows:
         feats, why = self.features_of(output, ctx)
@@ -890,7 +905,7 @@ def analyze(
         except TypeError:
             total = None
 
-    with _progress(progress, total) as advance, eval_mode(model), torch.no_grad():
+    with progress_bar(progress, total) as advance, eval_mode(model), torch.no_grad():
         for batch in _batches(images, labels, ids, mask, batch_size):
             batch.ids = [book.add(i, g) for i, g in zip(batch.ids, batch.given or [False] * len(batch.ids), strict=True)]
             image_order.extend(batch.ids)
@@ -929,7 +944,7 @@ def analyze(
                     )
                 lab = batch.labels.to(device=dev, dtype=torch.float32)
                 lab = lab.unsqueeze(1) if lab.ndim == x.ndim - 1 else lab
-                label = _label_target(lab, k, target, target_given)
+                label = label_target(lab, k, target, target_given)
             finite = torch.isfinite(prob.flatten(1)).all(dim=1)
             prob = torch.nan_to_num(prob.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
             pred = pred.float() * finite.view(-1, *([1] * (pred.ndim - 1)))
@@ -1075,12 +1090,13 @@ def _images_table(rows: list[dict[str, Any]], layers_df: pd.DataFrame) -> pd.Dat
     return out.astype({c: float for c in cols if c not in ("image", "reason")})
 
 
-class _progress:
-    """A rich progress bar over images, or nothing."""
+class progress_bar:
+    """A rich progress bar (``with progress_bar(True, n, "label") as advance: advance(k)``), or nothing."""
 
-    def __init__(self, enabled: bool, total: int | None):
+    def __init__(self, enabled: bool, total: int | None, label: str = "analysing"):
         self.enabled = enabled
         self.total = total
+        self.label = label
         self._bar = None
 
     def __enter__(self) -> Callable[[int], None]:
@@ -1094,9 +1110,9 @@ class _progress:
             TimeElapsedColumn,
         )
 
-        self._bar = Progress(TextColumn("analysing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self._bar.__enter__()
-        task = self._bar.add_task("analyse", total=self.total)
+        task = self._bar.add_task(self.label, total=self.total)
         return lambda n: self._bar.advance(task, n)
 
     def __exit__(self, *exc: Any) -> None:

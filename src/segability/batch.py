@@ -38,15 +38,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import (  # the private helpers keep windowed scores in step with analyze()
+from segability.analysis import (  # the shared rules keep windowed scores in step with analyze()
     INPUT,
     RESULT_FILES,
     SAResult,
-    _channels_first,
-    _label_target,
     analyze,
+    label_target,
+    layer_features,
     model_probabilities,
-    tokens_to_grid,
 )
 from segability.capture import (
     CONV_TYPES,
@@ -98,21 +97,8 @@ def _crop(volume: torch.Tensor, locations: Sequence[Sequence[slice]], device: to
 
 
 def _features(output: torch.Tensor, batch: int, spatial: Sequence[int]) -> tuple[torch.Tensor | None, str]:
-    """A layer output as (B, C, *spatial) features, or None and why it is skipped (the rules of
-    :func:`segability.analyze`: channels-last moved when only that reading fits, tokens on the grid)."""
-    shape = tuple(output.shape)
-    if not output.is_floating_point():
-        return None, f"skipped: output {shape} is not floating point ({output.dtype})"
-    if output.ndim < 3 or shape[0] != batch:
-        return None, f"skipped: output {shape} is not a batch of {batch} feature maps"
-    if output.ndim == len(spatial) + 2:
-        return _channels_first(output, spatial), ""
-    if output.ndim == 3 and len(spatial) >= 2:
-        grid = tokens_to_grid(output, spatial)
-        if grid is not None:
-            return grid, ""
-        return None, f"skipped: token output {shape} does not fit the window grid {tuple(spatial)} at any patch size"
-    return None, f"skipped: output {shape} is not (B, C, *spatial) with {len(spatial)} spatial dims"
+    """A layer output as (B, C, *spatial) features of a window (the rules of :func:`segability.analyze`)."""
+    return layer_features(output, batch, spatial)
 
 
 @dataclass
@@ -319,7 +305,7 @@ def analyze_windows(
         label_t = None
         if label is not None:
             lab = (label if label.ndim == image.ndim else label.unsqueeze(0)).unsqueeze(0).to(prob.device, torch.float32)
-            label_t = _label_target(lab, k, target_int, target_given).float()
+            label_t = label_target(lab, k, target_int, target_given).float()
         g = label_t if guide == "label" else prob
         m = (x != 0).any(dim=1, keepdim=True).float() if mask == "nonzero" else None
         weights = class_weights(g, m)  # (1, 2, *S)

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import INPUT, _label_target, analyze, model_probabilities
+from segability.analysis import INPUT, analyze, label_target, model_probabilities, progress_bar
 from segability.capture import (
     CONV_TYPES,
     FeatureRecorder,
@@ -478,7 +478,7 @@ def _dice(model, batches, output, target, output_key) -> torch.Tensor:
         for x, y in batches:
             x = _float(x, dev)
             _, pred, k = model_probabilities(model(x), output, 1 if target is None else int(target), output_key)
-            lab = _label_target(y.to(dev), k, 1 if target is None else int(target), target is not None)
+            lab = label_target(y.to(dev), k, 1 if target is None else int(target), target is not None)
             if lab.shape != pred.shape:
                 raise ValueError(f"labels {tuple(y.shape)} do not match the model output {tuple(pred.shape)}")
             p, t = pred.flatten(1).double(), lab.flatten(1).double()
@@ -573,7 +573,7 @@ def prune_curve(
     total = len(runs) * len(fractions)
     rows = []
     baseline: float | None = None
-    with _progress(progress, total) as advance:
+    with progress_bar(progress, total, "pruning") as advance:
         for ranking, seed in runs:
             scores = _scores(
                 model, channels, ranking_set, ranking, 0 if seed is None else seed, guide, batch_size, output, target,
@@ -601,29 +601,6 @@ def _sequence(values: Any, name: str) -> Sequence[Any]:
     return values
 
 
-class _progress:
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self._bar = enabled, total, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._bar = Progress(TextColumn("pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self._bar.__enter__()
-        task = self._bar.add_task("prune", total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 # ------------------------------------------------------------------------------------ figure

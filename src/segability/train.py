@@ -32,7 +32,7 @@ __all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of"]
 class TrainConfig:
     """Settings of a reference-model training run (all recorded in the card)."""
 
-    epochs: int = 12
+    epochs: int = 30
     steps_per_epoch: int = 200
     n_train: int = 600
     n_val: int = 64

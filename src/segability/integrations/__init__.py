@@ -31,9 +31,9 @@ from segability.analysis import (
     INPUT,
     GuideKind,
     OutputKind,
-    _label_target,
+    label_target,
+    layer_features,
     model_probabilities,
-    tokens_to_grid,
 )
 from segability.capture import FeatureRecorder, LayerSpec, conv_layers, eval_mode, resolve_layers
 from segability.core.functional import score_layer
@@ -307,7 +307,7 @@ class SAAccumulator:
                 lab = lab.unsqueeze(1)
             if lab.shape[0] != x.shape[0] or lab.shape[2:] != prob.shape[2:]:
                 raise ValueError(f"labels {tuple(lab.shape)} do not match the model output {tuple(prob.shape)}")
-            label = _label_target(lab, k, self.target, self.target_given)
+            label = label_target(lab, k, self.target, self.target_given)
         valid = torch.isfinite(prob.flatten(1)).all(dim=1)
         prob = torch.nan_to_num(prob, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
         pred = torch.where(valid.view(-1, *([1] * (pred.ndim - 1))), pred, torch.zeros_like(pred))
@@ -333,19 +333,8 @@ class SAAccumulator:
         self._state[-1] += x.shape[0]
 
     def _features(self, feats: torch.Tensor, batch: int, spatial: tuple[int, ...]) -> torch.Tensor | None:
-        """The layer output as (B, C, *spatial) features, or None when it cannot be read as such
-        (as in analyze: a ``reshape`` callable first, then transformer tokens on the input grid)."""
-        if self.reshape is not None:
-            reshaped = self.reshape(feats)
-            if reshaped is not None:
-                feats = reshaped
-        if not feats.is_floating_point() or feats.ndim < 3 or feats.shape[0] != batch:
-            return None
-        if feats.ndim == len(spatial) + 2:
-            return feats
-        if feats.ndim == 3 and len(spatial) >= 2:
-            return tokens_to_grid(feats, spatial)
-        return None
+        """The layer output as (B, C, *spatial) features, or None (the rules of analyze)."""
+        return layer_features(feats, batch, spatial, self.reshape)[0]
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.mask is None:
