@@ -56,7 +56,7 @@ def test_evaluate_qc_table_and_ranking(data):
     ev = segability.evaluate_qc(model, x, y, seeds=(0, 1), batch_size=16)
     assert list(ev.comparison.columns[: len(COMPARISON_COLUMNS)]) == COMPARISON_COLUMNS
     methods = set(ev.comparison["method"])
-    assert {"sa_all", "sa_input", "sa_calibrated", "sa_combined", "entropy", "max_prob_foreground",
+    assert {"sa_all", "sa_input", "sa_calibrated", "sa_all+input", "sa_combined", "entropy", "max_prob_foreground",
             "boundary_confidence", "tta_flip", "mc_dropout"} <= methods
     assert set(ev.per_seed["seed"]) == {0, 1}
     # More noise -> worse output: true Dice falls with noise, and the label-free SA follows it.
@@ -108,3 +108,27 @@ def test_empty_prediction_is_flagged_not_perfect():
     assert empty["flag"].all()
     assert empty["reason"].str.contains("empty").all()
     assert empty["estimated_dice"].isna().all()
+
+
+def test_calibration_combines_mean_and_input_sa_and_keeps_it_on_disk(data, tmp_path):
+    x, y, _ = data
+    model = SmoothThreshold()
+    res = segability.analyze(model, x, y)
+    plain = fit_calibration(model, res, score="mean_sa")
+    assert plain.combination == {}
+    combined = fit_calibration(model, res)
+    assert set(combined.combination) == {"mean_sa_pred", "input_sa_pred"}
+    # the weights are the least-squares fit of Dice on the two scores (with an intercept)
+    im = res.images.dropna(subset=["mean_sa_pred", "input_sa_pred", "dice"])
+    design = np.column_stack([im["mean_sa_pred"], im["input_sa_pred"], np.ones(len(im))])
+    coef = np.linalg.lstsq(design, im["dice"], rcond=None)[0]
+    assert combined.combination["mean_sa_pred"] == pytest.approx(coef[0])
+    assert combined.combination["input_sa_pred"] == pytest.approx(coef[1])
+    combined.save(tmp_path / "c.json")
+    again = segability.Calibration.load(tmp_path / "c.json")
+    assert again.combination == pytest.approx(combined.combination)
+    gate_a, _ = segability.qc(model, x, calibration=combined)
+    gate_b, _ = segability.qc(model, x, calibration=again)
+    pd.testing.assert_frame_equal(gate_a, gate_b)
+    with pytest.raises(ValueError, match="score"):
+        fit_calibration(model, res, score="median")

@@ -213,8 +213,8 @@ def run_demo(
 
     with _step("quality gate", timing, console):
         images = pd.concat([res_clean.images, res_shift.images], ignore_index=True)
-        gate = _quality_gate(model, images, res_clean.layers, cfg)
-    layers = pd.concat([res_clean.layers, res_shift.layers], ignore_index=True)
+        layers = pd.concat([res_clean.layers, res_shift.layers], ignore_index=True)
+        gate = _quality_gate(model, images, layers, cfg)
     dec = decoder_start(res_clean.layers) or _first_transposed_depth(model, res_clean.layers)
     per_layer, notes = layer_findings(res_clean.layers, dec)
     valid = images.dropna(subset=["mean_sa_pred", "dice"])
@@ -260,30 +260,29 @@ def run_demo(
     )
 
 
-def _quality_gate(model: Any, images: pd.DataFrame, clean_layers: pd.DataFrame, cfg: DemoConfig) -> dict[str, Any]:
+def _quality_gate(model: Any, images: pd.DataFrame, layers: pd.DataFrame, cfg: DemoConfig) -> dict[str, Any]:
     """Calibrate mean SA -> Dice on half of the source images, gate the other half."""
-    from segability.estimation import Calibration, fingerprint, quality_gate, state_dict_hash
+    from segability.estimation import quality_gate
+    from segability.estimation.qc import fit_calibration
 
     rng = np.random.default_rng(cfg.seed)
     sources = images["source"].unique()
     cal_sources = set(rng.choice(sources, size=max(2, int(len(sources) * cfg.calibration_fraction)), replace=False))
     is_cal = images["source"].isin(cal_sources)
-    cal = images[is_cal & images["mean_sa_pred"].notna()]
-    layers = [n for n in clean_layers["layer"].unique() if n != INPUT]
-    calibration = Calibration.fit(
-        cal["mean_sa_pred"].to_numpy(), cal["dice"].to_numpy(), method="auto",
-        fingerprint=fingerprint(state_dict_hash(model), layers), layers=layers,
-        input_sa=cal["input_sa_pred"].to_numpy(), seed=cfg.seed,
-    )
+    cal = images[is_cal]
+    cal_layers = layers[layers["image"].isin(set(cal["image"]))]
+    calibration = fit_calibration(model, SAResult(layers=cal_layers, images=cal), seed=cfg.seed)
     held = images[~is_cal]
-    qc = quality_gate(held, calibration, threshold=cfg.threshold, input_column="input_sa_pred")
+    qc = quality_gate(held, calibration, threshold=cfg.threshold, input_column="input_sa_pred",
+                      layers=layers[layers["image"].isin(set(held["image"]))])
     qc = qc.merge(held[["image", "dice", "group", "severity"]], on="image", how="left")
     est_ok = qc.dropna(subset=["estimated_dice", "dice"])
     mae = float((est_ok["estimated_dice"] - est_ok["dice"]).abs().mean()) if len(est_ok) else math.nan
     failures = qc["dice"] < cfg.threshold
     caught = int((qc["flag"] & failures).sum())
     notes = [
-        f"Quality gate (calibrated on {len(cal)} images of {len(cal_sources)} source slices, {calibration.method} fit; "
+        f"Quality gate (calibrated on {len(cal)} images of {len(cal_sources)} source slices: mean SA and input SA "
+        f"combined, {calibration.method} map; "
         f"applied to {len(qc)} held-out images): flags {int(qc['flag'].sum())} images; "
         f"{caught} of {int(failures.sum())} outputs with Dice < {cfg.threshold} are flagged; "
         f"estimated-Dice MAE {mae:.3f}."

@@ -225,6 +225,9 @@ class Calibration:
         score_range: (min, max) of the calibration scores; outside, the estimate is extrapolated
             (linear) or constant (isotonic).
         version: segability version that made it.
+        combination: when not empty, the score is ``sum_c w_c * table[c]`` over these columns
+            (e.g. ``{"mean_sa_pred": w1, "input_sa_pred": w2}``, fitted on the calibration set)
+            instead of ``mean_sa_pred`` alone.
 
     Example:
         >>> import numpy as np
@@ -252,6 +255,7 @@ class Calibration:
     cv_mae: dict[str, float] = field(default_factory=dict)
     score_range: tuple[float, float] = (math.nan, math.nan)
     version: str = ""
+    combination: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ fitting
     @classmethod

@@ -124,6 +124,12 @@ def quality_gate(
         score = pd.to_numeric(images["mean_sa_pred"], errors="coerce").to_numpy(float)
 
     input_sa, source = _input_sa(images, input_column)
+    raw = score
+    if calibration.combination:
+        score = np.zeros(len(ids))
+        for column, weight in calibration.combination.items():
+            values = raw if column == "mean_sa_pred" else pd.to_numeric(images[column], errors="coerce").to_numpy(float)
+            score = score + float(weight) * values
     est = calibration.predict(score)
     quality = (est["lower"] if use_lower else est["estimated_dice"]).to_numpy(float)
     prior = images["reason"].fillna("").astype(str).to_numpy() if "reason" in images.columns else None
@@ -149,7 +155,7 @@ def quality_gate(
     return pd.DataFrame(
         {
             "image": ids,
-            "mean_sa_pred": score,
+            "mean_sa_pred": raw,
             "input_sa": input_sa,
             "input_sa_source": source,
             "estimated_dice": est["estimated_dice"].to_numpy(float),
