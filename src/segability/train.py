@@ -94,7 +94,9 @@ def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[to
     if torch.rand(1, generator=gen) < 0.3:
         x, y = x.flip(-2), y.flip(-2)
     gain = 1.0 + 0.1 * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5)
-    return x * gain, y
+    # faint noise on half the batches, so a not-exactly-zero background is not all "lesion"
+    sigma = 0.03 * torch.rand(x.shape[0], 1, 1, 1, generator=gen) * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) < 0.5)
+    return x * gain + sigma * torch.randn(x.shape, generator=gen), y
 
 
 def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> float:
