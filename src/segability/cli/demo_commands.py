@@ -79,7 +79,11 @@ def train(
     def on_epoch(epoch: int, m: dict) -> None:
         console.log(f"epoch {epoch}/{cfg.epochs}: loss {m['loss']:.4f}, validation Dice {m['val_dice']:.4f} ({m['seconds']:.0f} s)")
 
-    result = train_reference(cfg, out_dir=out, cache_dir=cache_dir, on_epoch=on_epoch)
+    # the card records the command without this machine's paths
+    command = f"segability train --task {task} --seed {seed} --epochs {cfg.epochs} --n-train {cfg.n_train}"
+    if threads:
+        command += f" --threads {threads}"
+    result = train_reference(cfg, out_dir=out, cache_dir=cache_dir, on_epoch=on_epoch, command=command)
     card = result.card
     console.print(
         f"validation Dice {card['validation_dice']}, {card['training_seconds']} s; wrote {out / 'reference_unet.pt'} "
