@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-__all__ = ["interpolation_mode", "resize", "resize_adjoint", "interpolation_matrix"]
+__all__ = ["interpolation_mode", "resize", "resize_adjoint", "resize_adjoint_ones", "interpolation_matrix"]
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -74,10 +74,36 @@ def resize_adjoint(g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if spatial == size:
         return g
     out = g
-    for axis, (n_out, n_in) in enumerate(zip(spatial, size, strict=True)):
+    # Last axis first: it is contiguous (no movedim copy of the full-size tensor), and every later
+    # product then runs on a tensor already S_d / s_d times smaller.
+    last = len(size) - 1
+    for axis in reversed(range(len(size))):
+        n_out, n_in = spatial[axis], size[axis]
         if n_out == n_in:
             continue
         m = interpolation_matrix(n_in, n_out, dtype=g.dtype, device=g.device)  # (S_d, s_d)
-        dim = 2 + axis
-        out = torch.movedim(torch.movedim(out, dim, -1) @ m, -1, dim)
+        if axis == last:
+            out = out @ m
+        else:
+            dim = 2 + axis
+            out = torch.movedim(torch.movedim(out, dim, -1) @ m, -1, dim)
+    return out
+
+
+def resize_adjoint_ones(
+    full_size: Sequence[int], size: Sequence[int], *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``resize_adjoint`` of an all-ones grid of ``full_size``, shape ``size``, without building it.
+
+    The adjoint is separable, so it is the outer product of the column sums of the per-axis
+    interpolation matrices.
+
+    Example:
+        >>> resize_adjoint_ones((4,), (2,))
+        tensor([2., 2.], dtype=torch.float64)
+    """
+    out = torch.ones((), dtype=dtype, device=device)
+    for n_out, n_in in zip(full_size, size, strict=True):
+        col = interpolation_matrix(int(n_in), int(n_out), dtype=dtype, device=device).sum(0)  # (s_d,)
+        out = out.unsqueeze(-1) * col
     return out
