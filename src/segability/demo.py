@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ class DemoConfig:
     """What the demo analyses. ``quick()`` gives the reduced run the test suite uses."""
 
     n_test: int = 48
-    n_shift: int = 16
+    n_shift: int = 24
     severities: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     shifts: tuple[str, ...] | None = None  # None: every shift family
     size: int = 128
@@ -135,7 +136,7 @@ def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} already holds a run; pass --force to replace it or --out to choose another folder")
-        for name in (*RESULT_FILES, "qc.csv", "findings.json", "timing.json", "report.html", "qc_comparison.csv", "calibration.json", "layer_sa.csv"):
+        for name in (*RESULT_FILES, "qc.csv", "findings.json", "timing.json", "report.html", "qc_comparison.csv", "calibration.json", "layer_sa.csv", "history.csv"):
             if (out / name).exists():
                 (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def run_demo(
     import torch
 
     from segability.datasets.shifts import SHIFTS
-    from segability.models import load_reference_model, reference_card
+    from segability.models import load_reference_model, reference_card, reference_paths
 
     cfg = config or DemoConfig()
     out = Path(out)
@@ -245,6 +246,9 @@ def run_demo(
         if gate.get("comparison") is not None:
             gate["comparison"].to_csv(out / "qc_comparison.csv", index=False)
         per_layer.to_csv(out / "layer_sa.csv", index=False)
+        history = reference_paths()[0].with_name("reference_unet_history.csv")
+        if history.exists():  # SA per layer over the reference model's training epochs
+            shutil.copyfile(history, out / "history.csv")
         (out / "findings.json").write_text(json.dumps(notes, indent=2) + "\n")
     report_path = None
     if report:
