@@ -541,6 +541,16 @@ class _Context:
 Rows = tuple[list[dict[str, Any]], "pd.DataFrame | None"]
 
 
+def _finite_per_image(t: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each image's values are all finite. A sum is finite when every term is (up to
+    overflow), which is one cheap reduction; only a non-finite sum needs the element-wise check."""
+    flat = t.flatten(1)
+    finite = torch.isfinite(flat.sum(dim=1))
+    if not bool(finite.all()):
+        finite = torch.isfinite(flat).all(dim=1)
+    return finite
+
+
 def layer_features(
     output: torch.Tensor,
     batch: int,
@@ -613,7 +623,7 @@ class _Analysis:
     def score(self, layer: str, feats: torch.Tensor, ctx: _Context, raw_shape: Sequence[int]) -> Rows:
         dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
         feats = feats.to(dtype)
-        finite = torch.isfinite(feats.flatten(1)).all(dim=1)
+        finite = _finite_per_image(feats)
         if not bool(finite.all()):
             feats = torch.where(finite.view(-1, *([1] * (feats.ndim - 1))), feats, torch.zeros_like(feats))
         g, r = ctx.guide.to(dtype), ctx.refs.to(dtype)
