@@ -139,7 +139,8 @@ def quality_gate(
         if not np.isfinite(score[i]):
             note = prior[i].strip() if prior is not None else ""
             flags.append(True)
-            reasons.append(REASON_EMPTY if not note or note == REASON_EMPTY else f"{REASON_EMPTY} ({note})")
+            same = not note or note == REASON_EMPTY or note.startswith("empty prediction")
+            reasons.append(REASON_EMPTY if same else f"{REASON_EMPTY} ({note})")
         elif quality[i] < threshold:
             flags.append(True)
             if not np.isfinite(input_sa[i]):
