@@ -271,3 +271,22 @@ def test_monai_metatensor_dataloader_ids_come_from_file_names():
     plain = analyze(net, torch.stack([it["image"].as_tensor() for it in items]), torch.stack([it["label"] for it in items]))
     np.testing.assert_array_equal(res.layers["sa"].to_numpy(), plain.layers["sa"].to_numpy())
     assert not any(math.isnan(v) for v in res.images["dice"])
+
+
+def test_3d_unet_on_the_embedded_3d_lesion_crops(tmp_path):
+    """The 3D variant of the embedded data through a 3D MONAI UNet: label and label-free SA."""
+    from monai.networks.nets import UNet
+
+    from segability.datasets import mni_lesions_3d
+
+    data = mni_lesions_3d(2, "test", size=32, seed=3, cache_dir=False)
+    x, y = data.as_tensors()
+    torch.manual_seed(0)
+    net = UNet(3, 1, 1, channels=(4, 8), strides=(2,))
+    res = analyze(net, x, y, units=True, ids=data.ids)
+    assert set(res.images["image"]) == set(data.ids)
+    n_layers = res.layers["layer"].nunique()
+    assert len(res.layers) == 2 * n_layers and n_layers >= 3
+    scored = res.layers.dropna(subset=["sa_pred"])
+    assert scored["sa_pred"].between(0, 1).all() and scored["sa"].between(0, 1).all()
+    assert set(res.layers["shape"].str.count("x")) == {3}  # C x D x H x W
