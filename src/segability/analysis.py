@@ -45,6 +45,7 @@ from segability.core.functional import (
 from segability.core.resize import resize
 
 __all__ = [
+    "output_tensor",
     "label_target",
     "layer_features",
     "progress_bar","SAResult", "analyze", "load_result", "tokens_to_grid", "model_probabilities"]
@@ -363,6 +364,20 @@ class _IdBook:
 
 
 # ------------------------------------------------------------------------------------ outputs
+def output_tensor(out: Any, output_key: str | None = None) -> torch.Tensor:
+    """The tensor of a model output: itself, the first of a tuple/list (deep supervision), or the
+    ``output_key`` entry of a dict."""
+    if isinstance(out, dict):
+        if output_key is None or output_key not in out:
+            raise ValueError(f"the model returns a dict: give output_key, one of {sorted(map(str, out))}")
+        out = out[output_key]
+    elif isinstance(out, (tuple, list)):
+        out = first_tensor(out)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the model output must be a tensor (or tuple/list/dict of tensors), got {type(out).__name__}")
+    return out
+
+
 def model_probabilities(
     out: Any, output: OutputKind = "auto", target: int = 1, output_key: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -380,14 +395,7 @@ def model_probabilities(
         ``(probability (B, 1, *S), prediction (B, 1, *S) 0/1, K)``. For K > 1 the prediction is
         ``argmax == target``; for K == 1 it is ``probability > 0.5``.
     """
-    if isinstance(out, dict):
-        if output_key is None or output_key not in out:
-            raise ValueError(f"the model returns a dict: give output_key, one of {sorted(map(str, out))}")
-        out = out[output_key]
-    elif isinstance(out, (tuple, list)):
-        out = first_tensor(out)
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"the model output must be a tensor (or tuple/list/dict of tensors), got {type(out).__name__}")
+    out = output_tensor(out, output_key)
     if out.ndim < 3:
         raise ValueError(f"the model output must have shape (B, K, *spatial), got {tuple(out.shape)}")
     k = out.shape[1]

@@ -46,12 +46,12 @@ from segability.analysis import (  # the shared rules keep windowed scores in st
     label_target,
     layer_features,
     model_probabilities,
+    output_tensor,
 )
 from segability.capture import (
     CONV_TYPES,
     FeatureRecorder,
     eval_mode,
-    first_tensor,
     resolve_layers,
 )
 from segability.core.functional import class_logits, class_weights, dice_from_counts, unit_overlaps
@@ -79,18 +79,6 @@ FINGERPRINT_KEYS = (
 
 
 # ------------------------------------------------------------------------------- sliding windows
-def _output_tensor(out: Any, output_key: str | None) -> torch.Tensor:
-    if isinstance(out, dict):
-        if output_key is None or output_key not in out:
-            raise ValueError(f"the model returns a dict: give output_key, one of {sorted(map(str, out))}")
-        out = out[output_key]
-    elif isinstance(out, (tuple, list)):
-        out = first_tensor(out)
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"the model output must be a tensor (or tuple/list/dict of tensors), got {type(out).__name__}")
-    return out
-
-
 def _crop(volume: torch.Tensor, locations: Sequence[Sequence[slice]], device: torch.device) -> torch.Tensor:
     """Stack the windows ``locations`` (MONAI's ``[batch, channel, *spatial]`` slices) of a (1, C, *S) volume."""
     return torch.cat([volume[(slice(None), slice(None), *loc[2:])] for loc in locations]).to(device)
@@ -276,7 +264,7 @@ def analyze_windows(
                 sums.channels = 0 if feats is None else int(feats.shape[1])
 
         with FeatureRecorder(model, names, callback=note) as rec:
-            out = _output_tensor(model(win), output_key)
+            out = output_tensor(model(win), output_key)
         if tuple(out.shape[2:]) != tuple(win.shape[2:]):
             raise ValueError(f"the model output {tuple(out.shape)} is not on the window's grid {tuple(win.shape[2:])}")
         if describe:
