@@ -544,6 +544,7 @@ class _Context:
     valid: list[bool]  # the model output is finite
     empty_pred: list[bool]  # valid, but nothing predicted: sa_pred is undefined
     spatial: tuple[int, ...]  # the input grid
+    cache: dict = field(default_factory=dict)  # shared by the batch's layers (see score_layer)
 
 
 Rows = tuple[list[dict[str, Any]], "pd.DataFrame | None"]
@@ -637,7 +638,7 @@ class _Analysis:
         g, r = ctx.guide.to(dtype), ctx.refs.to(dtype)
         m = None if ctx.mask is None else ctx.mask.to(dtype)
         layer_sa, unit_sa, undefined = score_layer(
-            feats, g, r, m, units=self.units, empty=self.empty, chunk_size=self.chunk_size
+            feats, g, r, m, units=self.units, empty=self.empty, chunk_size=self.chunk_size, cache=ctx.cache
         )
         layer_sa = layer_sa.cpu().double().numpy()
         finite_l, undefined_l = finite.cpu().tolist(), undefined.cpu().tolist()
