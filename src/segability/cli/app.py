@@ -24,6 +24,12 @@ def _root() -> None:
 
 def main() -> None:
     """Entry point of the console script."""
+    import logging
+    import warnings
+
+    # MONAI's DICOM reader warns on every start that an optional GPU codec is missing.
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     app()
 
 
