@@ -62,14 +62,14 @@ class DemoSummary:
 
 
 def decoder_start(layers: pd.DataFrame) -> int | None:
-    """Depth of the first decoder layer, from names (decoder/up/dec) or the first transposed
-    convolution's ``settings`` hint; None when the names do not tell."""
-    ordered = layers[["depth", "layer"]].drop_duplicates().sort_values("depth")
-    for depth, name in ordered.itertuples(index=False):
-        parts = name.lower().replace("_", ".").split(".")
-        if any(p.startswith(("decoder", "dec", "up")) for p in parts):
-            return int(depth)
-    return None
+    """Depth of the first decoder layer (:func:`segability.estimation.decoder_layers`: from the
+    names, MONAI UNet's structure, or else the second half of the forward order)."""
+    from segability.estimation.selection import decoder_layers
+
+    hidden = layers[layers["layer"] != INPUT]
+    decoder = set(decoder_layers(hidden))
+    depths = hidden.loc[hidden["layer"].isin(decoder), "depth"]
+    return int(depths.min()) if len(depths) else None
 
 
 def layer_findings(layers: pd.DataFrame, decoder_depth: int | None) -> tuple[pd.DataFrame, list[str]]:
@@ -109,14 +109,6 @@ def layer_findings(layers: pd.DataFrame, decoder_depth: int | None) -> tuple[pd.
     else:
         notes.append(f"SA peaks at layer {peak['layer']} (depth {int(peak['depth'])}); layer names do not tell encoder from decoder.")
     return per, notes
-
-
-def _first_transposed_depth(model: Any, layers: pd.DataFrame) -> int | None:
-    from torch import nn
-
-    transposed = {n for n, m in model.named_modules() if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))}
-    depths = layers.loc[layers["layer"].isin(transposed), "depth"]
-    return int(depths.min()) if len(depths) else None
 
 
 @contextmanager
@@ -216,7 +208,7 @@ def run_demo(
         images = pd.concat([res_clean.images, res_shift.images], ignore_index=True)
         layers = pd.concat([res_clean.layers, res_shift.layers], ignore_index=True)
         gate = _quality_gate(model, images, layers, cfg)
-    dec = decoder_start(res_clean.layers) or _first_transposed_depth(model, res_clean.layers)
+    dec = decoder_start(res_clean.layers)
     per_layer, notes = layer_findings(res_clean.layers, dec)
     valid = images.dropna(subset=["mean_sa_pred", "dice"])
     rho = float(stats.spearmanr(valid["mean_sa_pred"], valid["dice"]).statistic) if len(valid) > 2 else math.nan

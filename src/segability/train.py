@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from segability.analysis import analyze
+from segability.core.functional import dice_from_counts
 from segability.models import REFERENCE_ARCH, file_sha256, reference_unet
 
 __all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of"]
@@ -58,8 +59,7 @@ class TrainResult:
 def dice_of(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Per-image Dice of binary maps (both empty: 1)."""
     p, t = pred.flatten(1).double(), label.flatten(1).double()
-    den = p.sum(1) + t.sum(1)
-    return torch.where(den > 0, 2 * (p * t).sum(1) / den.clamp_min(1e-12), torch.ones_like(den))
+    return dice_from_counts((p * t).sum(1), p.sum(1), t.sum(1), "one")
 
 
 def _sample_crops(
