@@ -43,7 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from direct import direct_layer_sa, direct_protoseg, direct_unit_sa  # noqa: E402
 
-from segability.core.functional import protoseg, score_layer  # noqa: E402
+from segability.core.functional import protoseg
+from segability.core.reduction import score_layer  # noqa: E402
 
 CLASSES = 2  # a one-channel guide gives a background and a target class
 TARGETS = {  # minimum speed-up of the fast path over the direct method

@@ -11,7 +11,7 @@ import torch
 
 import segability
 from segability import SegmentationAbility, UndefinedPrototypeWarning
-from segability.core.functional import score_layer
+from segability.core.reduction import score_layer
 
 FUNCS = ["prototypes", "protoseg", "protoseg_units"]
 
@@ -89,8 +89,9 @@ def test_undefined_sa_is_nan() -> None:
     assert torch.isnan(layer[1]).all() and torch.isnan(unit[1]).all()
     assert torch.isfinite(layer[[0, 2]]).all() and torch.isfinite(unit[[0, 2]]).all()
     metric = SegmentationAbility(units=True)
-    out = metric.update({"x": f}, guide=g, reference=ref)
-    assert math.isnan(out["x"][1]) and torch.isfinite(out["x"][[0, 2]]).all()
+    metric.update({"x": f}, guide=g, references=ref)
+    out = metric.scores()["x"].sa[:, 0]
+    assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
 
 
 # -------------------------------------------------------------------- malformed inputs
@@ -207,10 +208,14 @@ def test_metric_errors() -> None:
     metric = SegmentationAbility()
     with pytest.raises(ValueError, match=r"features\['conv'\] \(3, 4, 6, 5\) contains NaN"):
         metric.update({"conv": bad_value(f, math.nan)}, guide=g)
-    with pytest.raises(ValueError, match=r"reference must have the guide's shape \(3, 1, 6, 5\), got \(3, 1, 6, 4\)"):
-        metric.update(f, guide=g, reference=torch.ones(3, 1, 6, 4))
-    with pytest.raises(ValueError, match=r"reference \(3, 1, 6, 5\) must be binary"):
-        metric.update(f, guide=g, reference=torch.full_like(g, 0.3))
+    with pytest.raises(ValueError, match=r"references must be \(B, R, \*spatial\) on the guide's grid \(3, 1, 6, 5\), got \(3, 1, 6, 4\)"):
+        metric.update(f, guide=g, references=torch.ones(3, 1, 6, 4))
+    with pytest.raises(ValueError, match=r"references \(3, 1, 6, 5\) must be binary"):
+        metric.update(f, guide=g, references=torch.full_like(g, 0.3))
+    with pytest.raises(ValueError, match=r"ids must give one id per image \(3\), got 2"):
+        metric.update(f, guide=g, ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"prediction must index one of the 1 references, got 1"):
+        metric.update(f, guide=g, prediction=1)
     with pytest.raises(ValueError, match=r"mask must have shape \(3, 1, 6, 5\).*got \(1, 1, 6, 5\)"):
         metric.update(f, guide=g, mask=torch.ones(1, 1, 6, 5))
     with pytest.raises(ValueError, match=r"mask \(3, 1, 6, 5\) values must be finite"):

@@ -18,8 +18,9 @@ from monai.metrics import DiceMetric, compute_dice
 import segability
 from segability.core import functional as core_functional
 from segability.core import metric as core_metric
+from segability.core import reduction as core_reduction
 from segability.core import resize as core_resize
-from segability.core.functional import score_layer
+from segability.core.reduction import score_layer
 from segability.core.resize import interpolation_matrix, resize, resize_adjoint
 
 
@@ -512,15 +513,16 @@ def test_cuda_device_dtype_and_values(dtype: torch.dtype) -> None:
     sa = segability.sa_score(seg, (gpu[1][:, 0] > 0.5).to(dtype))
     assert sa.is_cuda and sa.dtype == dtype
     metric = segability.SegmentationAbility(units=True)
-    out = metric.update({"x": gpu[0]}, guide=gpu[1], mask=gpu[2])
-    assert out["x"].is_cuda
-    torch.testing.assert_close(out["x"], sa, atol=1e-6, rtol=0)
+    metric.update({"x": gpu[0]}, guide=gpu[1], mask=gpu[2])
+    out = metric.scores()["x"].sa[:, 0]
+    assert out.is_cuda
+    torch.testing.assert_close(out, sa, atol=1e-6, rtol=0)
     # Guide and mask on the CPU are moved to the features' device.
     assert segability.protoseg(gpu[0], cpu[1], cpu[2]).is_cuda
 
 
 # --------------------------------------------------------------------------------- doctests
-@pytest.mark.parametrize("module", [core_resize, core_functional, core_metric], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [core_resize, core_functional, core_metric, core_reduction], ids=lambda m: m.__name__)
 def test_doctests(module) -> None:
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0

@@ -22,8 +22,8 @@ from segability.core.functional import (
     protoseg,
     protoseg_units,
     prototypes,
-    score_layer,
 )
+from segability.core.reduction import score_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from direct import (  # noqa: E402

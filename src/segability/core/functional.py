@@ -34,7 +34,6 @@ __all__ = [
     "undefined_images",
     "validate_features",
     "validate_guide",
-    "score_layer",
 ]
 
 EmptyRule = Literal["one", "nan"]
@@ -486,61 +485,3 @@ def sa_score(
     seg = torch.nan_to_num(seg, nan=0.0)
     dice = dice_from_counts((seg * ref).sum(1), seg.sum(1), ref.sum(1), empty)
     return torch.where(undefined, torch.full_like(dice, math.nan), dice)
-
-
-def score_layer(
-    features: torch.Tensor,
-    guide: torch.Tensor,
-    references: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    units: bool = False,
-    empty: EmptyRule = "one",
-    chunk_size: int | None = None,
-    cache: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """SA of one layer (and of its units) against R references at once, inputs assumed valid.
-
-    This is the reduction the analysis runs on every captured layer: it never holds more than one
-    resized channel per class, plus one chunk of unit maps.
-
-    Args:
-        features: (B, C, *s) finite features.
-        guide: (B, 1, *S) target probability in [0, 1].
-        references: (B, R, *S) binary masks (e.g. the label and the binarised prediction).
-        mask: optional (B, 1, *S).
-        units: also score every unit.
-        empty: convention for two empty maps (see :func:`sa_score`).
-        chunk_size: channels resized at once for the unit maps.
-        cache: a dict shared by the layers of one batch (same guide, mask and references): the
-            adjoint-resized class weights of each feature grid and the references' sizes are
-            computed once per grid instead of once per layer.
-
-    Returns:
-        ``(layer_sa (B, R), unit_sa (B, R, C) or None, undefined (B,))``; undefined images are NaN.
-    """
-    cache = {} if cache is None else cache
-    key = ("weights", tuple(features.shape[2:]), features.dtype)
-    if key not in cache:
-        cache[key] = low_resolution_weights(guide, mask, tuple(features.shape[2:]))
-    low, total = cache[key]
-    undefined = (total <= 0).any(dim=1)
-    protos = _prototypes_low(features, low, total)
-    size = tuple(guide.shape[2:])
-    # target logit > background logit, on one resized channel, thresholded in place
-    seg = _logit_difference(features, protos, size).gt_(0).flatten(1)  # (B, N) of 0.0 / 1.0
-    key = ("references", features.dtype)
-    if key not in cache:
-        refs = references.to(features.dtype).flatten(2)  # (B, R, N)
-        cache[key] = (refs, refs.sum(-1))
-    refs, ref_sizes = cache[key]
-    # an element-wise product and sum: bmm with a 1 x 1 output is several times slower on CPU
-    inter = (refs * seg.unsqueeze(1)).sum(-1)
-    layer = dice_from_counts(inter, seg.sum(-1, keepdim=True).expand_as(inter), ref_sizes, empty)
-    layer[undefined] = math.nan
-    unit = None
-    if units:
-        u_inter, u_sizes = unit_overlaps(features, protos, references, chunk_size=chunk_size)
-        unit = dice_from_counts(u_inter, u_sizes.unsqueeze(1).expand_as(u_inter), ref_sizes.unsqueeze(-1), empty)
-        unit[undefined] = math.nan
-    return layer, unit, undefined
