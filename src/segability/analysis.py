@@ -40,8 +40,8 @@ from segability.core.functional import (
     dice_from_counts,
     protoseg_units,
     prototypes_from_weights,
-    score_layer,
 )
+from segability.core.reduction import score_layer
 from segability.core.resize import resize
 
 __all__ = [

@@ -36,7 +36,7 @@ from segability.analysis import (
     model_probabilities,
 )
 from segability.capture import FeatureRecorder, LayerSpec, conv_layers, eval_mode, resolve_layers
-from segability.core.functional import score_layer
+from segability.core.reduction import score_layer
 
 __all__ = ["SAAccumulator", "split_batch"]
 
