@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +29,7 @@ from segability.io import (
     parse_shape,
     read_image,
 )
+from segability.io.images import ImageFileError
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_weights_are_applied(nets, tmp_path, wrap, note):
 def test_weights_that_do_not_fit_name_the_argument(nets, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(load_model(f"{nets}:pointwise_net").state_dict(), path)
-    with pytest.raises(ValueError, match=r"--weights: .* does not fit the model .*shape mismatches"):
+    with pytest.raises(ValueError, match=r"--weights: .* does not fit the model .*: 5 keys with other shapes: 1\.weight: \(6, 1, 1, 1, 1\) in the file, \(4, 1, 3, 3\) in the model, "):
         load_model(f"{nets}:tiny_net", path)
     with pytest.raises(ValueError, match="--weights: file .* not found"):
         load_model(f"{nets}:tiny_net", tmp_path / "missing.pt")
@@ -223,6 +225,50 @@ def test_read_nrrd_with_and_without_space(tmp_path):
     for name in ("s.nrrd", "plain.nrrd"):
         got = read_image(tmp_path / name)
         assert got.shape == (1, 6, 5, 4) and np.allclose(got[0].numpy(), vol), name
+
+
+def test_nrrd_headers_are_checked_against_the_data(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    vol = np.arange(6 * 5, dtype=np.int16).reshape(6, 5)
+    nrrd.write(str(tmp_path / "raw.nrrd"), vol, {"encoding": "raw"})
+    whole = (tmp_path / "raw.nrrd").read_bytes()
+    (tmp_path / "cut.nrrd").write_bytes(whole[:-10])
+    with pytest.raises(ImageFileError, match=r"cut\.nrrd is truncated: its header promises sizes \(6, 5\) of int16, 60 bytes, but the file holds 50 bytes"):
+        read_image(tmp_path / "cut.nrrd")
+    nrrd.write(str(tmp_path / "d.nhdr"), vol, {"encoding": "raw"}, detached_header=True)
+    assert np.array_equal(read_image(tmp_path / "d.nhdr")[0].numpy(), vol)
+    (tmp_path / "d.raw").unlink()
+    os.mkfifo(tmp_path / "d.raw")  # the detached data file is opened by the reader: checked too
+    with pytest.raises(ImageFileError, match=r"d\.raw is a FIFO \(named pipe\), not a regular file"):
+        read_image(tmp_path / "d.nhdr")
+    with pytest.raises(ImageFileError, match=r"raw\.nrrd: its header promises sizes \(6, 5\) of int16, 60 bytes of voxel data, more than the limit of 59 bytes"):
+        read_image(tmp_path / "raw.nrrd", max_bytes=59)
+    (tmp_path / "endless.nrrd").write_bytes(b"NRRD0004\n" + b"#" * (2**20 + 10))
+    with pytest.raises(ImageFileError, match=r"endless\.nrrd: the NRRD header is longer than 1 MiB"):
+        read_image(tmp_path / "endless.nrrd")
+
+
+def test_headers_of_other_formats_are_bounded(tmp_path):
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png", max_bytes=120).shape == (1, 5, 6)  # 5 x 6 x float32
+    with pytest.raises(ImageFileError, match=r"g\.png: its header promises 6x5 pixels of 1 band\(s\), 120 bytes"):
+        read_image(tmp_path / "g.png", max_bytes=119)
+    arr = np.zeros((2, 4, 5), np.float32)
+    np.savez(tmp_path / "two.npz", image=arr, label=arr)
+    with pytest.raises(ImageFileError, match=r"two\.npz: its header promises shape \(2, 4, 5\) of float32, 160 bytes"):
+        read_image(tmp_path / "two.npz", max_bytes=100)
+    series = write_dicom_series(tmp_path / "series", np.zeros((6, 5, 2), np.uint16))
+    one = series / "slice000.dcm"
+    assert read_image(one, max_bytes=60).shape[-2:] == (5, 6)
+    with pytest.raises(ImageFileError, match=r"slice000\.dcm: its header promises 1 frame\(s\) of 6x5, 60 bytes"):
+        read_image(one, max_bytes=59)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(one.read_bytes()[:-30])
+    with pytest.raises(ImageFileError, match=r"cut\.dcm is truncated"):
+        read_image(cut)
+    os.mkfifo(series / "slice002.dcm")  # the DICOM reader opens every file of a series folder
+    with pytest.raises(ImageFileError, match=r"slice002\.dcm is a FIFO"):
+        read_image(series)
 
 
 def test_read_dicom_series_folder(tmp_path):

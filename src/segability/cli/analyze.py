@@ -12,17 +12,11 @@ from pathlib import Path
 import typer
 
 from segability.cli.app import app
-
-EXIT_USAGE = 2
+from segability.cli.console import fail, literal
 
 
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
-
-
-def _fail(console, message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
-    raise typer.Exit(EXIT_USAGE)
 
 
 @app.command("analyze")
@@ -76,30 +70,28 @@ def analyze_command(
             progress=not no_progress,
         )  # fmt: skip
     except (ValueError, FileExistsError) as exc:
-        _fail(err, str(exc))
-        return
+        fail(err, exc)
     except RuntimeError as exc:  # the engine itself failed (e.g. a Ray worker died); shards so far are kept
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(err, exc, code=1)
     if summary.unpaired_images:
         err.print(f"[yellow]note:[/yellow] {len(summary.unpaired_images)} image(s) without a label (analysed without one): "
-                  f"{[Path(p).name for p in summary.unpaired_images][:10]}", highlight=False)  # fmt: skip
+                  f"{literal([Path(p).name for p in summary.unpaired_images][:10])}", highlight=False)  # fmt: skip
     if summary.unpaired_labels:
         err.print(f"[yellow]note:[/yellow] {len(summary.unpaired_labels)} label(s) without an image (ignored): "
-                  f"{[Path(p).name for p in summary.unpaired_labels][:10]}", highlight=False)  # fmt: skip
+                  f"{literal([Path(p).name for p in summary.unpaired_labels][:10])}", highlight=False)  # fmt: skip
     for row in summary.errors.head(10).itertuples(index=False):
-        err.print(f"[red]failed:[/red] {row.file}: {row.error}", highlight=False, markup=True)
+        err.print(f"[red]failed:[/red] {literal(row.file)}: {literal(row.error)}", highlight=False)
     if summary.n_failed > 10:
-        err.print(f"... and {summary.n_failed - 10} more (see {summary.paths['errors']})")
+        err.print(f"... and {summary.n_failed - 10} more (see {literal(summary.paths['errors'])})", highlight=False)
     resumed = f", {summary.n_resumed} from an earlier run" if summary.n_resumed else ""
     console.print(
         f"{summary.n_ok} of {summary.n_images} images analysed{resumed}, {summary.n_failed} failed, "
-        f"in {summary.seconds:.1f} s. Results: {summary.out}", highlight=False,
+        f"in {summary.seconds:.1f} s. Results: {literal(summary.out)}", highlight=False,
     )  # fmt: skip
     if "report" in summary.paths:
-        console.print(f"Report: {summary.paths['report']}", highlight=False)
+        console.print(f"Report: {literal(summary.paths['report'])}", highlight=False)
     elif summary.report_error:
-        err.print(f"[yellow]note:[/yellow] the report was not built: {summary.report_error}", highlight=False)
+        err.print(f"[yellow]note:[/yellow] the report was not built: {literal(summary.report_error)}", highlight=False)
     raise typer.Exit(summary.exit_code)
 
 
@@ -130,12 +122,11 @@ def layers_command(
         except RuntimeError as exc:
             raise ValueError(f"--example-shape {example_shape}: the model cannot run on it: {exc}") from exc
     except ValueError as exc:
-        _fail(err, str(exc))
-        return
-    table = Table(title=f"{type(net).__name__}: {len(infos)} layers" + ("" if example is None else " (call order)"))
+        fail(err, exc)
+    table = Table(title=literal(f"{type(net).__name__}: {len(infos)} layers" + ("" if example is None else " (call order)")))
     for col in ("layer", "type", "output shape", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
     for info in infos:
         shape = "" if info.shape is None else "x".join(str(s) for s in info.shape)
-        table.add_row(info.name, info.type, shape, f"{info.parameters:,}")
+        table.add_row(literal(info.name), literal(info.type), shape, f"{info.parameters:,}")
     Console(width=200).print(table)

@@ -14,6 +14,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain text: Rich markup would swallow "[ray]" in "pip install 'segability[ray]'"
+    # and "[default: ...]", and would read brackets in user paths within usage errors as markup.
+    rich_markup_mode=None,
 )
 
 

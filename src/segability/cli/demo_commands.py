@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from segability.cli.app import app
+from segability.cli.console import EXIT_USAGE, fail, literal, printable
 
 
 @app.command()
@@ -20,6 +21,7 @@ def demo(
     """Open the shipped reference UNet layer by layer on the embedded MNI152 lesion data."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from segability.demo import DemoConfig, run_demo
 
@@ -28,8 +30,7 @@ def demo(
     try:
         summary = run_demo(out, force=force, config=cfg, cache_dir=cache_dir, console=console, report=not no_report)
     except FileExistsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(console, exc)
     table = Table(title="SA per layer (clean test set, forward order)")
     for col in ("depth", "layer", "mean SA", "IQR"):
         table.add_column(col, justify="right" if col != "layer" else "left")
@@ -42,9 +43,9 @@ def demo(
         f"Label-free mean SA vs true Dice: Spearman [bold]{summary.spearman:.3f}[/bold], "
         f"Pearson [bold]{summary.pearson:.3f}[/bold]; the gate flags {summary.flagged} of {summary.n_gate} images."
     )
-    console.print(f"Finished in {summary.timing.get('total', 0):.1f} s. Run folder: {summary.out}")
+    console.print(f"Finished in {summary.timing.get('total', 0):.1f} s. Run folder: {literal(summary.out)}")
     if summary.report is not None:
-        console.print(f"Report: [bold]{summary.report}[/bold]")
+        console.print(Text.assemble("Report: ", (printable(summary.report), "bold")))
 
 
 @app.command()
@@ -65,11 +66,9 @@ def train(
 
     console = Console()
     if task != "mni-lesions":
-        console.print(f"[red]error:[/red] unknown task {task!r}; the only task is 'mni-lesions'")
-        raise typer.Exit(2)
+        fail(console, f"unknown task {task!r}; the only task is 'mni-lesions'", EXIT_USAGE)
     if (out / "reference_unet.pt").exists() and not force:
-        console.print(f"[red]error:[/red] {out / 'reference_unet.pt'} exists; pass --force to overwrite it")
-        raise typer.Exit(2)
+        fail(console, f"{out / 'reference_unet.pt'} exists; pass --force to overwrite it", EXIT_USAGE)
     cfg = TrainConfig(seed=seed, threads=threads)
     if epochs is not None:
         cfg.epochs = epochs
@@ -86,6 +85,6 @@ def train(
     result = train_reference(cfg, out_dir=out, cache_dir=cache_dir, on_epoch=on_epoch, command=command)
     card = result.card
     console.print(
-        f"validation Dice {card['validation_dice']}, {card['training_seconds']} s; wrote {out / 'reference_unet.pt'} "
+        f"validation Dice {card['validation_dice']}, {card['training_seconds']} s; wrote {literal(out / 'reference_unet.pt')} "
         f"(sha256 {card['sha256'][:12]}...), card and history.csv"
     )

@@ -66,8 +66,8 @@ def report(
     import json
 
     from rich.console import Console
-    from rich.markup import escape
 
+    from segability.cli.console import literal, printable
     from segability.report import build_report
 
     console = Console(stderr=True)
@@ -93,7 +93,7 @@ def report(
                 findings=statements,
             )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False)
+        console.print(f"[red]Error:[/red] {literal(err)}", highlight=False)
         raise typer.Exit(1) from err
     size = path.stat().st_size / 1e6
-    typer.echo(f"Wrote {path} ({size:.1f} MB)")
+    typer.echo(f"Wrote {printable(path)} ({size:.1f} MB)")

@@ -7,6 +7,13 @@ DICOM (a series folder or single ``.dcm`` files), PIL for PNG/JPEG/BMP/TIFF, Num
 their channel moved or added (``ensure_channel_first``). 2D raster images keep NumPy's ``(H, W)``
 order (``PILReader(reverse_indexing=False)``), so a PNG reads like ``np.asarray(Image.open(f))``.
 
+Every file passes an intake check before a reader opens it (:func:`check_image_file`): it must be
+a regular file once links are resolved (a FIFO would block the reader for ever, a link to
+``/dev/zero`` would feed it without end), and its header must promise no more data than the file
+holds (``.npy``, ``.npz``, ``.nii``, NRRD) nor more than ``max_bytes`` of voxel data (every format
+with a header: ``.nii.gz``, PNG and the other raster formats, DICOM). The reader is chosen by suffix
+and is the only one tried: a file that does not fit it is an error, never handed on to the others.
+
 Labels come from a second folder and are paired with images by file name stem (``case1.nii.gz``
 and ``case1.png`` share the stem ``case1``); :func:`pair_labels` reports unpaired files both ways.
 
@@ -18,7 +25,10 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
+import stat
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,7 +40,10 @@ import torch
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_BYTES",
+    "ImageFileError",
     "Pairing",
+    "check_image_file",
     "find_images",
     "image_stem",
     "image_suffix",
@@ -50,6 +63,15 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + RASTER_SUFFIXES + NUMPY_SUFFIXES + NRRD_SUFFIXES + DICOM_SUFFIXES
 PREPROCESS_KEYS = ("orientation", "spacing", "intensity", "size")
 NPZ_KEYS = ("image", "label", "arr_0")
+# The most voxel data (shape x item size, as stored) a file's header may promise before it is read.
+MAX_IMAGE_BYTES = 4 * 2**30
+# An NRRD header longer than this is refused rather than read line by line without end.
+NRRD_HEADER_LIMIT = 2**20
+
+
+class ImageFileError(ValueError):
+    """An image file refused before a reader opens it: not a regular file, or a header that promises
+    more data than the file holds or than ``max_bytes`` allows. The message names the path."""
 
 
 # ------------------------------------------------------------------------------------ finding
@@ -79,7 +101,7 @@ def image_stem(path: str | os.PathLike) -> str:
 def _is_dicom_file(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    if path.suffix:
+    if path.suffix or not path.is_file():  # opening a FIFO to look for the preamble would block
         return False
     try:
         with path.open("rb") as f:
@@ -101,7 +123,8 @@ def _is_image(path: Path) -> bool:
     if path.name.startswith("."):
         return False
     if path.is_dir():
-        return is_dicom_series(path)
+        # A folder named like an image file is listed too, so that reading it reports it.
+        return is_dicom_series(path) or image_suffix(path) is not None
     return image_suffix(path) is not None or _is_dicom_file(path)
 
 
@@ -111,7 +134,10 @@ def find_images(source: str | os.PathLike | Sequence[str | os.PathLike], *, argu
     A folder is listed without recursion: files with a known image suffix (or a DICOM preamble),
     and sub-folders that hold DICOM files (one series each). A folder holding only DICOM files of
     one series is that series. A glob (``"data/**/*.nii.gz"``) is
-    expanded recursively and filtered the same way. Hidden files are skipped.
+    expanded recursively and filtered the same way. Hidden files are skipped. A name that exists is
+    taken literally even when it holds ``[``, ``*`` or ``?`` (a folder ``scans[1]``); only a name
+    that does not exist is a pattern. Files are listed, not opened: special files (FIFOs, devices)
+    with an image suffix are listed and refused when read, one error per file.
 
     Args:
         source: the folder, pattern, file or list.
@@ -136,16 +162,17 @@ def find_images(source: str | os.PathLike | Sequence[str | os.PathLike], *, argu
             raise ValueError(f"{argument}: the list of images is empty")
         return paths
     text = os.fspath(source)
-    if any(ch in text for ch in "*?["):
-        found = sorted(Path(p) for p in glob.glob(text, recursive=True))
-        images = [p for p in found if _is_image(p)]
+    path = Path(text).expanduser()
+    if not os.path.lexists(path) and any(ch in text for ch in "*?["):
+        images = _glob_images(text)
         if not images:
             raise ValueError(f"{argument}: the pattern {text!r} matches no image file (expected {_suffix_list()})")
         return images
-    path = Path(text).expanduser()
     if not path.exists():
+        if path.is_symlink():
+            raise ValueError(f"{argument}: {text} is a link to {os.readlink(path)}, which does not exist")
         raise ValueError(f"{argument}: {text} does not exist")
-    if path.is_file():
+    if not path.is_dir():  # a file, or a special file that reading will refuse with its reason
         return [path]
     children = sorted(path.iterdir())
     images = [c for c in children if _is_image(c)]
@@ -154,6 +181,19 @@ def find_images(source: str | os.PathLike | Sequence[str | os.PathLike], *, argu
     if not images:
         raise ValueError(f"{argument}: the folder {text} holds no image file (expected {_suffix_list()}, or DICOM series folders)")
     return images
+
+
+def _glob_images(pattern: str) -> list[Path]:
+    """The images matching ``pattern``, its longest existing leading folder taken literally
+    (``scans[1]/*.npy`` in a folder named ``scans[1]`` is that folder's ``.npy`` files)."""
+    parts = Path(pattern).parts
+    for n in range(len(parts) - 1, 0, -1):
+        head = os.path.join(*parts[:n])
+        if os.path.isdir(head):
+            pattern = os.path.join(glob.escape(head), *parts[n:])
+            break
+    found = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    return [p for p in found if _is_image(p)]
 
 
 def _one_series(paths: list[Path]) -> bool:
@@ -249,38 +289,262 @@ def _unique_stems(paths: Sequence[Path], argument: str, suffix: str) -> dict[str
     return out
 
 
-# ------------------------------------------------------------------------------------ reading
-def _reader_kind(path: Path) -> tuple[str, str | None]:
-    """Which reader fits ``path`` (and, for a several-array ``.npz``, which array)."""
-    if path.is_dir():
-        return "dicom", None
+# ------------------------------------------------------------------------------------- intake
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _regular_file(path: Path) -> int:
+    """The size of ``path`` after resolving links; an :class:`ImageFileError` unless it is a regular file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageFileError(f"{path} is a link to {os.readlink(path)}, which does not exist") from None
+        raise ImageFileError(f"{path} does not exist") from None
+    except OSError as exc:  # a loop of links, a folder without read permission, ...
+        raise ImageFileError(f"{path} cannot be opened: {exc.strerror or exc}") from None
+    if stat.S_ISREG(info.st_mode):
+        return info.st_size
+    raise ImageFileError(f"{path} is {_file_kind(path, info.st_mode)}, not a regular file")
+
+
+def _file_kind(path: Path, mode: int) -> str:
+    """What a file that is not regular is: ``"a character device (a link to /dev/zero)"``."""
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
+    return kind + (f" (a link to {os.path.realpath(path)})" if path.is_symlink() else "")
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def _check_promise(
+    path: Path, what: str, data: int, max_bytes: int | None, available: int | None = None, holder: str = "the file"
+) -> None:
+    """Refuse a header that promises ``data`` bytes: more than ``max_bytes``, or more than ``available``."""
+    if max_bytes is not None and data > max_bytes:
+        raise ImageFileError(
+            f"{path}: its header promises {what}, {_size(data)} of voxel data, more than the limit of "
+            f"{_size(max_bytes)} (max_bytes)"
+        )
+    if available is not None and data > available:
+        raise ImageFileError(f"{path} is truncated: its header promises {what}, {_size(data)}, but {holder} holds {_size(max(available, 0))}")
+
+
+def _check_npy(fp: Any, path: Path, available: int, max_bytes: int | None) -> None:
+    """Check an ``.npy`` stream's header against the ``available`` bytes (header included)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fp)
+        else:  # 3.0 (utf-8 field names) has no public reader of its own
+            shape, _, dtype = fmt._read_array_header(fp, version)
+    except ValueError as exc:
+        raise ImageFileError(f"{path} is not a NumPy array file: {exc}") from None
+    if dtype.hasobject:
+        raise ImageFileError(f"{path} holds Python objects (dtype {dtype}); only plain numeric arrays are read")
+    data = math.prod(shape) * dtype.itemsize
+    _check_promise(path, f"shape {tuple(shape)} of {dtype}", data, max_bytes, available - fp.tell())
+
+
+def _check_nifti(path: Path, size: int, max_bytes: int | None) -> None:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.header.get_data_shape())
+        dtype = img.header.get_data_dtype()
+        # The image's header is a copy with the offset reset; the array proxy keeps the file's.
+        offset = int(getattr(img.dataobj, "offset", 0))
+    except Exception:  # noqa: BLE001 - no header to check: the reader says what is wrong
+        return
+    data = math.prod(shape) * dtype.itemsize
+    # The decompressed size of a .nii.gz is unknown without reading it all: the limit bounds the read.
+    available = None if path.name.lower().endswith(".gz") else size - offset
+    _check_promise(path, f"shape {shape} of {dtype}", data, max_bytes, available)
+
+
+def _check_raster(path: Path, max_bytes: int | None) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            bands = len(im.getbands())
+    except Image.DecompressionBombError as exc:
+        raise ImageFileError(f"{path}: {exc}") from None
+    except Exception:  # noqa: BLE001 - no header to check: the reader says what is wrong
+        return
+    # Read as float32: four bytes per value.
+    _check_promise(path, f"{width}x{height} pixels of {bands} band(s)", width * height * bands * 4, max_bytes)
+
+
+def _check_dicom(path: Path, size: int, max_bytes: int | None) -> None:
+    import pydicom
+
+    try:
+        # Values over 1 KiB (the pixel data) are not read, only located: where they start, how long.
+        ds = pydicom.dcmread(path, defer_size=1024)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        item = -(-int(getattr(ds, "BitsAllocated", 8) or 8) // 8)
+        compressed = bool(ds.file_meta.TransferSyntaxUID.is_compressed)
+        pixels = ds.get_item("PixelData") if "PixelData" in ds else None
+    except Exception:  # noqa: BLE001 - no header to check: the reader says what is wrong
+        return
+    data = rows * cols * frames * samples * item
+    available = None
+    if pixels is not None and not compressed:
+        if getattr(pixels, "value", None) is not None:
+            available = len(pixels.value)
+        elif getattr(pixels, "value_tell", None) is not None and pixels.length != 0xFFFFFFFF:
+            available = min(pixels.length, size - pixels.value_tell)
+    _check_promise(path, f"{frames} frame(s) of {rows}x{cols}", data, max_bytes, available)
+
+
+def _check_dicom_series(folder: Path) -> None:
+    """Every entry the DICOM reader will open must be a regular file (it opens each to look for the preamble)."""
+    for child in sorted(folder.iterdir()):
+        if not child.name.startswith(".") and not child.is_dir():
+            _regular_file(child)
+
+
+_NRRD_ITEM = (("double", 8), ("64", 8), ("long", 8), ("16", 2), ("short", 2), ("8", 1), ("char", 1))
+
+
+def _check_nrrd(path: Path, size: int, max_bytes: int | None) -> None:
+    import nrrd
+
+    with path.open("rb") as f:
+        head = f.read(NRRD_HEADER_LIMIT)
+    if not head.startswith(b"NRRD"):
+        return  # the reader says what is wrong
+    end = head.find(b"\n\n")
+    if end < 0:
+        if len(head) == NRRD_HEADER_LIMIT:
+            raise ImageFileError(f"{path}: the NRRD header is longer than {_size(NRRD_HEADER_LIMIT)} (no blank line ends it)")
+        end = len(head)
+    try:
+        header = nrrd.read_header(head[: end + 1].splitlines(keepends=True))
+        sizes = [int(s) for s in header["sizes"]]
+        kind = str(header["type"]).lower()
+        encoding = str(header.get("encoding", "raw")).lower()
+    except Exception:  # noqa: BLE001 - no header to check: the reader says what is wrong
+        return
+    item = int(header.get("block size", 1)) if kind == "block" else next((n for key, n in _NRRD_ITEM if key in kind), 4)
+    data = math.prod(sizes) * item
+    detached = header.get("data file", header.get("datafile"))
+    data_path = None  # one detached data file (a list or a pattern of them is left to the reader)
+    if isinstance(detached, str) and not detached.upper().startswith("LIST") and " " not in detached.strip():
+        data_path = Path(detached) if Path(detached).is_absolute() else path.parent / detached
+        data_size = _regular_file(data_path)
+    available = None
+    if encoding == "raw" and int(header.get("line skip", header.get("lineskip", 0)) or 0) == 0:
+        skip = max(int(header.get("byte skip", header.get("byteskip", 0)) or 0), 0)
+        if detached is None:
+            available = size - (end + 2) - skip
+        elif data_path is not None:
+            available = data_size - skip
+    holder = "the file" if data_path is None else f"its data file {data_path}"
+    _check_promise(path, f"sizes {tuple(sizes)} of {kind}", data, max_bytes, available, holder)
+
+
+def _npz_key(path: Path, size: int, max_bytes: int | None) -> str:
+    """The array of an ``.npz`` to read (the only one, or ``image`` / ``label`` / ``arr_0``), its header checked."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {info.filename[: -len(".npy")]: info for info in zf.infolist() if info.filename.endswith(".npy")}
+            keys = list(members)
+            if len(keys) == 1:
+                key = keys[0]
+            else:
+                key = next((k for k in NPZ_KEYS if k in keys), None)
+                if key is None:
+                    raise ValueError(f"{path.name}: an .npz with several arrays needs one named 'image'; it has {keys}")
+            info = members[key]
+            # The zip module stops at the declared size, so the declared size bounds the read.
+            with zf.open(info) as member:
+                _check_npy(member, path, info.file_size, max_bytes)
+    except zipfile.BadZipFile as exc:
+        raise ImageFileError(f"{path} is not an .npz (zip) file: {exc}") from None
+    return key
+
+
+def _intake(path: Path, max_bytes: int | None) -> tuple[str, str | None]:
+    """Check ``path`` before any reader opens it; which reader fits it (and, for an ``.npz``, which array)."""
     suffix = image_suffix(path)
+    if path.is_dir():
+        if is_dicom_series(path):
+            _check_dicom_series(path)
+            return "dicom", None
+        if suffix is None:
+            raise ImageFileError(f"{path} is a folder without DICOM files; expected an image file or a DICOM series folder")
+    size = _regular_file(path)  # a folder named like a file ends here too
     if suffix in NIFTI_SUFFIXES:
+        _check_nifti(path, size, max_bytes)
         return "nifti", None
     if suffix in RASTER_SUFFIXES:
+        _check_raster(path, max_bytes)
         return "raster", None
     if suffix == ".npy":
+        with path.open("rb") as f:
+            _check_npy(f, path, size, max_bytes)
         return "numpy", None
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.files)
-        if len(keys) == 1:
-            return "numpy", keys[0]
-        key = next((k for k in NPZ_KEYS if k in keys), None)
-        if key is None:
-            raise ValueError(f"{path.name}: an .npz with several arrays needs one named 'image'; it has {keys}")
-        return "numpy", key
+        return "numpy", _npz_key(path, size, max_bytes)
     if suffix in NRRD_SUFFIXES:
         try:
             import nrrd  # noqa: F401
         except ImportError:
             raise ValueError(f"{path.name}: reading NRRD needs pynrrd (pip install pynrrd)") from None
+        _check_nrrd(path, size, max_bytes)
         return "nrrd", None
     if suffix in DICOM_SUFFIXES or _is_dicom_file(path):
+        _check_dicom(path, size, max_bytes)
         return "dicom", None
     raise ValueError(f"{path.name}: unknown image type; expected one of {_suffix_list()} or a DICOM series folder")
 
 
+def check_image_file(path: str | os.PathLike, *, max_bytes: int | None = MAX_IMAGE_BYTES) -> None:
+    """Refuse a file no reader should open: not a regular file, or a header that promises too much.
+
+    Links are resolved: a link to a regular file is fine; a FIFO, a device (``/dev/zero``), a
+    socket or a folder where a file is expected is refused. Where the format has a header, the data
+    it promises (shape x item size) must fit in the file (``.npy``, ``.npz``, ``.nii``, raw NRRD,
+    uncompressed DICOM) and in ``max_bytes``. A header that cannot be parsed is left to the reader,
+    which reports what is wrong with the file. :func:`read_image` calls this first.
+
+    Args:
+        path: an image file or DICOM series folder.
+        max_bytes: the most voxel data a header may promise; None for no limit.
+
+    Raises:
+        ImageFileError: (a ``ValueError``) with a message naming ``path`` and what is wrong.
+        ValueError: an unknown image type.
+
+    Example:
+        >>> import os, tempfile
+        >>> fifo = os.path.join(tempfile.mkdtemp(), "x.npy")
+        >>> os.mkfifo(fifo)
+        >>> check_image_file(fifo)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        segability.io.images.ImageFileError: .../x.npy is a FIFO (named pipe), not a regular file
+    """
+    _intake(Path(path), max_bytes)
+
+
+# ------------------------------------------------------------------------------------ reading
 @lru_cache(maxsize=16)
 def _loader(kind: str, npz_key: str | None) -> tuple[Any, Any]:
     """``(reader, LoadImage)`` for a reader kind, built once (LoadImage registers every reader)."""
@@ -299,12 +563,21 @@ def _loader(kind: str, npz_key: str | None) -> tuple[Any, Any]:
     return reader, LoadImage(reader=reader, image_only=True, ensure_channel_first=channel_first, dtype=np.float32)
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
+def read_image(path: str | os.PathLike, *, max_bytes: int | None = MAX_IMAGE_BYTES) -> torch.Tensor:
     """Read one image file (or DICOM series folder) as a channel-first float32 ``MetaTensor`` (C, *S).
 
+    The file is checked first (:func:`check_image_file`), then read by the one reader its suffix
+    names (never handed on to the others when that one fails).
+
+    Args:
+        path: the image file or DICOM series folder.
+        max_bytes: the most voxel data the file's header may promise; None for no limit.
+
     Raises:
-        ValueError: an unknown type, or an array with fewer than two dimensions.
-        Exception: whatever the reader raises for a corrupt file (callers record it).
+        ImageFileError: not a regular file, or a header that promises more than the file holds or
+            than ``max_bytes`` (a ``ValueError``).
+        ValueError: an unknown type, a file its reader cannot read, or an array with fewer than two
+            dimensions.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -314,28 +587,19 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         (1, 4, 5)
     """
     p = Path(path)
-    reader, load = _loader(*_reader_kind(p))
+    reader, load = _loader(*_intake(p, max_bytes))
     try:
-        img = load(str(p))
+        # The reader given at call time is the only one LoadImage tries: no fall-through to others.
+        img = load(str(p), reader=reader)
     except KeyError as exc:
         if image_suffix(p) not in NRRD_SUFFIXES:
-            raise
+            raise ValueError(f"{p.name} cannot be read by {type(reader).__name__}: KeyError: {exc}") from exc
         img = _read_nrrd_without_space(p, exc)
     except Exception as exc:
-        # LoadImage falls back to every registered reader and reports them all; the error of the
-        # reader that fits the file type is the useful one.
-        raise _reader_error(reader, p) or exc from exc
+        raise ValueError(f"{p.name} cannot be read by {type(reader).__name__}: {type(exc).__name__}: {exc}") from exc
     if img.ndim < 2:
         raise ValueError(f"{p.name}: expected a channel-first array (C, *spatial), got shape {tuple(img.shape)}")
     return img
-
-
-def _reader_error(reader: Any, path: Path) -> ValueError | None:
-    try:
-        reader.get_data(reader.read(str(path)))
-    except Exception as inner:
-        return ValueError(f"{path.name} cannot be read by {type(reader).__name__}: {type(inner).__name__}: {inner}")
-    return None
 
 
 def _read_nrrd_without_space(path: Path, exc: KeyError) -> torch.Tensor:
@@ -351,19 +615,28 @@ def load_item(
     image: str | os.PathLike,
     label: str | os.PathLike | None = None,
     preprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    *,
+    max_bytes: int | None = MAX_IMAGE_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read an image (and its label), preprocess them, and return plain float32 tensors.
+
+    Args:
+        image: the image file (or DICOM series folder).
+        label: its label file, or None.
+        preprocess: a callable on ``{"image": ..., "label": ...}`` (see :func:`load_preprocess`).
+        max_bytes: the most voxel data a file's header may promise (see :func:`read_image`).
 
     Returns:
         ``(image (C, *S), label (C', *S) or None)`` as ``torch.Tensor`` (metadata dropped).
 
     Raises:
-        ValueError: a preprocessing callable that does not return a dict with ``"image"``, or an
-            image and label of different spatial shapes.
+        ImageFileError: a file refused before reading (see :func:`check_image_file`).
+        ValueError: a file its reader cannot read, a preprocessing callable that does not return a
+            dict with ``"image"``, or an image and label of different spatial shapes.
     """
-    item: dict[str, Any] = {"image": read_image(image)}
+    item: dict[str, Any] = {"image": read_image(image, max_bytes=max_bytes)}
     if label is not None:
-        item["label"] = read_image(label)
+        item["label"] = read_image(label, max_bytes=max_bytes)
     if preprocess is not None:
         item = preprocess(item)
         if not isinstance(item, Mapping) or "image" not in item:

@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import sys
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,10 @@ PICKLE_HELP = (
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights")
 # Prefixes added by wrappers (DataParallel, Lightning modules) that a bare model does not have.
 WRAPPER_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
+
+# First bytes of what torch.save writes: a zip archive, or (legacy format) a pickle of protocol >= 2.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -231,8 +236,37 @@ def _extract_state_dict(obj: Any, path: Path, argument: str) -> dict[str, torch.
     raise ValueError(f"{argument}: {path} holds a {type(obj).__name__}, expected a state dict (parameter name -> tensor)")
 
 
+def _check_torch_file(path: Path, argument: str) -> None:
+    """Refuse what is not a ``torch.save`` file before ``torch.load`` guesses at it.
+
+    ``torch.save`` writes a zip archive (``PK\\x03\\x04``) or, in the legacy format, a pickle
+    (protocol 2 or later: the byte ``\\x80`` first). Anything else, a text file say, is not a
+    weights file, and ``torch.load`` would report it as a pickle problem (and so suggest
+    ``--trust-pickle``, which cannot help). Special files (a FIFO would block, ``/dev/zero`` never
+    ends) are refused by name.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{argument}: {path} cannot be opened: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        from segability.io.images import _file_kind
+
+        raise ValueError(f"{argument}: {path} is {_file_kind(path, info.st_mode)}, not a regular file")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ValueError(f"{argument}: {path} is empty, not a PyTorch weights file")
+    if not (head.startswith(ZIP_MAGIC) or head[:1] == PICKLE_MAGIC):
+        raise ValueError(
+            f"{argument}: {path} is not a PyTorch weights file (it starts with {head!r}; torch.save writes "
+            "a zip archive, which starts with b'PK\\x03\\x04', or a pickle, which starts with b'\\x80')"
+        )
+
+
 def _torch_load(path: Path, argument: str, trust_pickle: bool) -> Any:
     """``torch.load`` with ``weights_only=True``; a full unpickle only when trusted."""
+    _check_torch_file(path, argument)
     if is_torchscript_file(path):
         raise ValueError(f"{argument}: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
     try:
@@ -272,7 +306,7 @@ def load_state_dict(
         {'weight': tensor([1., 1.])}
     """
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"{argument}: file {str(weights)!r} not found")
     return _extract_state_dict(_torch_load(path, argument, trust_pickle), path, argument)
 
@@ -287,15 +321,29 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], weights:
         if set(candidate) == set(own) and all(candidate[k].shape == own[k].shape for k in own):
             model.load_state_dict(candidate, strict=True)
             return
-    best = candidates[-1]
+    # Report against the reading of the keys that matches the model best (the first on a tie): a
+    # model whose own names start with "model." must not be compared with the names unwrapped.
+    best = max(candidates, key=lambda c: len(set(c) & set(own)))
+    wrong = [f"{k}: {tuple(best[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in own if k in best and best[k].shape != own[k].shape]
     missing = [k for k in own if k not in best]
     unexpected = [k for k in best if k not in own]
-    wrong = [f"{k} {tuple(best[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in best and best[k].shape != own[k].shape]
+    problems = [
+        _listing(wrong, "key with another shape", "keys with other shapes"),
+        _listing(missing, "key of the model missing from the file", "keys of the model missing from the file"),
+        _listing(unexpected, "key in the file that the model does not have", "keys in the file that the model does not have"),
+    ]
     raise ValueError(
         f"--weights: {weights} does not fit the model built by --model: "
-        f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-        f"{len(wrong)} shape mismatches {wrong[:5]}; check the factory's arguments (--model-arg)"
+        f"{'; '.join(p for p in problems if p)}; check the factory's arguments (--model-arg)"
     )
+
+
+def _listing(items: list[str], one: str, many: str, shown: int = 5) -> str:
+    """``"2 keys ...: a, b"``; the first ``shown`` items and how many more; empty for none."""
+    if not items:
+        return ""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"{len(items)} {one if len(items) == 1 else many}: {', '.join(items[:shown])}{more}"
 
 
 def load_model(
@@ -379,6 +427,7 @@ def _load_pickled_model(path: Path, trust_pickle: bool, kwargs: dict[str, Any]) 
         )
     if kwargs:
         raise ValueError("--model-arg: arguments go to a factory; a saved model file takes none")
+    _check_torch_file(path, "--model")
     if is_torchscript_file(path):
         raise ValueError(f"--model: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
     try:
