@@ -79,8 +79,9 @@ def prune_command(
 ) -> None:
     """Zero the lowest-ranked units (by SA, L1 norm or at random) and measure the output Dice."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+
+    from segability.cli.console import literal
 
     from segability.prune import RANKINGS, plot_prune_curve, prune_curve
 
@@ -134,7 +135,7 @@ def prune_command(
         table.to_csv(out / "prune.csv", index=False)
         plot_prune_curve(table, out / "prune.png", title=title)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {literal(exc)}")
         raise typer.Exit(2) from None
 
     summary = Table(title=f"Output Dice after zeroing the lowest-ranked units ({scope} scope)")
@@ -149,4 +150,4 @@ def prune_command(
             cells.append(f"{d.mean():.3f}" if len(d) == 1 else f"{d.mean():.3f} ({d.min():.3f}-{d.max():.3f})")
         summary.add_row(*cells)
     console.print(summary)
-    console.print(f"Wrote {out / 'prune.csv'} and {out / 'prune.png'}")
+    console.print(f"Wrote {literal(out / 'prune.csv')} and {literal(out / 'prune.png')}")

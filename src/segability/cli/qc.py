@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 
 from segability.cli.app import app
-
-EXIT_USAGE = 2
+from segability.cli.console import fail as _fail
+from segability.cli.console import literal
 
 MODEL_HELP = "Model factory: path/to/file.py:factory or package.module:factory."
 WEIGHTS_HELP = "State dict file, read with weights_only=True."
@@ -19,11 +19,6 @@ WEIGHTS_HELP = "State dict file, read with weights_only=True."
 
 def _plain(t):
     return t.as_tensor() if hasattr(t, "as_tensor") else t
-
-
-def _fail(console, message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(EXIT_USAGE)
 
 
 def _out_dir(console, out: Path, names: tuple[str, ...], force: bool) -> None:
@@ -51,7 +46,8 @@ def _load(console, model: str, weights: Path | None, images: str, labels: str | 
     if pairing is not None:
         note = pairing.describe()
         if note:
-            console.print(f"[yellow]{note}[/yellow]")
+            for line in note.splitlines():
+                console.print(literal(line), style="yellow", highlight=False)
         if need_labels and pairing.unpaired_images:
             _fail(console, f"{len(pairing.unpaired_images)} image(s) have no label in --labels; every image needs one here")
         pairs = pairing.pairs
@@ -119,13 +115,13 @@ def qc_command(
     for col in ("image", "estimated_dice", "mean_sa_pred", "input_sa", "reason"):
         view.add_column(col)
     for row in flagged.itertuples(index=False):
-        view.add_row(str(row.image), f"{row.estimated_dice:.3f}", f"{row.mean_sa_pred:.3f}", f"{row.input_sa:.3f}", row.reason)
+        view.add_row(literal(row.image), f"{row.estimated_dice:.3f}", f"{row.mean_sa_pred:.3f}", f"{row.input_sa:.3f}", literal(row.reason))
     console.print(view)
     if not no_report:
         from segability.report import build_report
 
-        console.print(f"report: {build_report(out)}")
-    console.print(f"wrote {out / 'qc.csv'}")
+        console.print(f"report: {literal(build_report(out))}", highlight=False)
+    console.print(f"wrote {literal(out / 'qc.csv')}", highlight=False)
 
 
 @app.command("calibrate")
@@ -157,7 +153,7 @@ def calibrate_command(
     except ValueError as exc:
         _fail(console, str(exc))
     cal.save(out)
-    console.print(f"{cal.method} map on {cal.n} images ({cal.choice}); interval +-{cal.radius:.3f} at {1 - alpha:.0%}; wrote {out}")
+    console.print(f"{cal.method} map on {cal.n} images ({cal.choice}); interval +-{cal.radius:.3f} at {1 - alpha:.0%}; wrote {literal(out)}", highlight=False)
 
 
 @app.command("evaluate-qc")
@@ -223,6 +219,6 @@ def evaluate_qc_command(
     for col in COMPARISON_COLUMNS:
         view.add_column(col)
     for row in ev.comparison.itertuples(index=False):
-        view.add_row(row.method, *[f"{getattr(row, c):.3f}" for c in COMPARISON_COLUMNS[1:]])
+        view.add_row(literal(row.method), *[f"{getattr(row, c):.3f}" for c in COMPARISON_COLUMNS[1:]])
     console.print(view)
-    console.print(f"wrote {out / 'qc_comparison.csv'} and {out / 'qc_scores.csv'}")
+    console.print(f"wrote {literal(out / 'qc_comparison.csv')} and {literal(out / 'qc_scores.csv')}", highlight=False)
