@@ -82,7 +82,6 @@ def prune_command(
     from rich.table import Table
 
     from segability.cli.console import literal
-
     from segability.prune import RANKINGS, plot_prune_curve, prune_curve
 
     console = Console()
