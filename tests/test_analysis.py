@@ -329,6 +329,7 @@ def test_a_size_the_model_fails_on_is_recorded_and_the_rest_goes_on():
     assert bad["layer"].tolist() == ["input", "feat", "down", "head"]
     assert bad["sa"].isna().all() and bad["sa_pred"].isna().all()
     assert bad["reason"].str.contains("model failed: RuntimeError: Sizes of tensors must match").all()
+    assert (bad["status"] == "failed").all()
     assert res.images.set_index("image").loc["1", "reason"].startswith("model failed")
     good = res.layers[res.layers["image"] != "1"].reset_index(drop=True)
     pdt.assert_frame_equal(good.replace({"image": {"2": "1"}}), ok.layers)
@@ -349,6 +350,7 @@ def test_nan_output_for_one_image_of_a_batch(low_memory):
     res = analyze(NaNForNegative(), x, y, units=True, low_memory=low_memory)
     bad_layers = res.layers[res.layers["image"] == "2"]
     assert bad_layers["sa"].isna().all() and bad_layers["sa_pred"].isna().all()
+    assert (bad_layers["status"] == "output_not_finite").all()
     assert (bad_layers["reason"] == "model output contains NaN or Inf").all()
     assert res.units.loc[res.units["image"] == "2", ["sa", "sa_pred"]].isna().all().all()
     row = res.images.set_index("image").loc["2"]
@@ -367,14 +369,15 @@ def test_empty_prediction_gives_nan_sa_pred_with_a_reason_never_one():
     res = analyze(HandNet(), x, y, units=True)
     rows = res.layers[res.layers["image"] == "1"]
     assert rows["sa_pred"].isna().all()
-    assert (rows["reason"] == "empty prediction: sa_pred undefined").all()
+    assert (rows["status"] == "empty_prediction").all()
+    assert (rows["reason"] == "empty prediction: SA against the prediction undefined").all()
     ref = np_reference(x[1:2].numpy(), y[1:2].numpy())
     np.testing.assert_allclose(rows["sa"], [ref["layers"][("0", n)][0] for n in rows["layer"]], atol=1e-12)
     assert res.units.loc[res.units["image"] == "1", "sa_pred"].isna().all()
     assert res.units.loc[res.units["image"] == "1", "sa"].notna().all()
     image = res.images.set_index("image").loc["1"]
     assert math.isnan(image["mean_sa_pred"]) and math.isnan(image["input_sa_pred"])
-    assert image["reason"] == "empty prediction: sa_pred undefined" and image["dice"] == 0.0
+    assert image["status"] == "empty_prediction" and image["dice"] == 0.0
     assert (res.layers.loc[res.layers["image"] != "1", "reason"] == "").all()
 
 
@@ -484,7 +487,11 @@ def test_one_hot_labels_must_be_binary_and_have_the_target_channel():
         ({"guide": "truth"}, "guide must be"),
         ({"output": "logits"}, "output must be"),
         ({"output": "probabilities"}, "not \\[0, 1\\]"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"target": -1}, "target must be an integer >= 0 or None, got -1"),
+        ({"target": 1.7}, "target must be an integer >= 0 or None, got 1.7"),
+        ({"keep_maps": "a"}, "keep_maps must be an integer >= 0, got 'a'"),
+        ({"units": "yes"}, "units must be True or False"),
         ({"keep_maps": -1}, "keep_maps"),
         ({"layers": "feet"}, "'feat'"),
         ({"ids": ["a", "b", "a", "c", "d"]}, "image id 'a' appears twice"),
@@ -560,6 +567,7 @@ def test_channels_last_and_token_outputs_are_put_on_the_grid():
     assert by["last"]["shape"][0] == "8x8x2" and by["cls_tokens"]["shape"][0] == "65x2"
     assert by["odd_tokens"]["sa_pred"].isna().all()
     assert by["odd_tokens"]["reason"][0].startswith("skipped: token output (3, 61, 2) does not fit")
+    assert by["odd_tokens"]["status"][0] == "not_features"
     # a reshape callable overrides the rules; returning None falls back to them
     def pad(t: torch.Tensor) -> torch.Tensor | None:
         if t.shape[1] != 61:
@@ -640,7 +648,7 @@ def test_depth_and_rows_follow_the_forward_order():
     assert first["layer"].tolist() == ["input", "pre", "feat", "down", "head", "unused"]
     assert first["depth"].tolist() == [0, 1, 2, 3, 4, 5]
     unused = first[first["layer"] == "unused"].iloc[0]
-    assert math.isnan(unused["sa_pred"]) and unused["reason"] == "not called in the forward pass"
+    assert math.isnan(unused["sa_pred"]) and unused["status"] == "not_called"
     # pre is the identity: its scores equal the input's
     np.testing.assert_allclose(first.set_index("layer").loc["pre", ["sa", "sa_pred"]].to_numpy(float), first.set_index("layer").loc["input", ["sa", "sa_pred"]].to_numpy(float))
 

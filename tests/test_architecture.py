@@ -25,6 +25,9 @@ LAYERS = {
     "prune": 4,
     "integrations": 4,
     "cli": 5,
+    "errors": 0,
+    "progress": 4,
+    "compress": 4,
 }
 
 

@@ -150,7 +150,7 @@ def test_window_arguments_are_checked(nets):
     x, _ = _volume((8, 8, 8), seed=0)
     with pytest.raises(ValueError, match="roi_size must give one window size per spatial dim"):
         analyze_windows(net, x, roi_size=(4, 4))
-    with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"overlap must be a number in \[0, 1\)"):
         analyze_windows(net, x, roi_size=(4, 4, 4), overlap=1.0)
     with pytest.raises(ValueError, match='guide="label" needs a label'):
         analyze_windows(net, x, roi_size=(4, 4, 4), guide="label")

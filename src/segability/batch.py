@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,432 +35,36 @@ import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import (  # the shared rules keep windowed scores in step with analyze()
-    INPUT,
-    RESULT_FILES,
-    SAResult,
-    analyze,
-    label_target,
-    layer_features,
-    model_probabilities,
-    output_tensor,
+from segability.analysis import INPUT, RESULT_FILES, SAResult, analyze, analyze_windows, layer_names
+from segability.analysis.results import (
+    IMAGES,
+    LAYERS,
+    RUN_FILE,
+    SHARD_DIR,
+    UNITS,
+    decode_maps,
+    empty_table,
+    encode_maps,
+    table_bytes,
+    typed,
+    write_atomic,
 )
-from segability.capture import (
-    CONV_TYPES,
-    FeatureRecorder,
-    eval_mode,
-    resolve_layers,
-)
-from segability.core.functional import class_logits, class_weights, dice_from_counts, unit_overlaps
-from segability.core.resize import resize_adjoint
 from segability.io.images import find_images, load_item, load_preprocess, pair_labels
 from segability.io.models import load_model
+from segability.progress import progress_bar
 
 __all__ = ["BatchSummary", "analyze_files", "analyze_windows", "safe_name"]
 
 Engine = Literal["local", "ray"]
-SHARD_DIR = "shards"
-RUN_FILE = "run.json"
 ERRORS_FILE = "errors.csv"
 # Shard kinds in the order they are written; "images" last, so it marks the image as done.
 SHARD_KINDS = ("layers.parquet", "units.parquet", "maps.npz", "images.parquet")
 ERROR_KIND = "error.json"
-LAYER_COLUMNS = ["image", "layer", "depth", "channels", "shape", "sa", "sa_pred", "reason"]
-IMAGE_COLUMNS = ["image", "dice", "mean_sa", "mean_sa_pred", "input_sa", "input_sa_pred", "reason"]
-UNIT_COLUMNS = ["image", "layer", "unit", "sa", "sa_pred"]
 # Settings that must match for a resumed run to add to the same tables.
 FINGERPRINT_KEYS = (
     "model", "weights", "model_args", "layers", "units", "guide", "output", "target", "mask",
     "output_key", "empty", "preprocess", "roi_size", "overlap",
 )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------- sliding windows
-def _crop(volume: torch.Tensor, locations: Sequence[Sequence[slice]], device: torch.device) -> torch.Tensor:
-    """Stack the windows ``locations`` (MONAI's ``[batch, channel, *spatial]`` slices) of a (1, C, *S) volume."""
-    return torch.cat([volume[(slice(None), slice(None), *loc[2:])] for loc in locations]).to(device)
-
-
-def _features(output: torch.Tensor, batch: int, spatial: Sequence[int]) -> tuple[torch.Tensor | None, str]:
-    """A layer output as (B, C, *spatial) features of a window (the rules of :func:`segability.analyze`)."""
-    return layer_features(output, batch, spatial)
-
-
-@dataclass
-class _LayerSums:
-    """What one layer accumulates over the windows of a volume (float64, on the CPU)."""
-
-    depth: int = 0
-    calls: int = 0  # tensor outputs per forward pass; the last one is scored
-    channels: int = 0
-    shape: str = ""
-    skipped: str = ""
-    finite: bool = True
-    proto_sums: torch.Tensor | None = None  # (2, C): sum over windows and voxels of W_k F / n
-    protos: torch.Tensor | None = None  # (2, C) volume prototypes
-    inter: torch.Tensor | None = None  # (R,): sum of seg * reference / n
-    seg_size: torch.Tensor | None = None  # (): sum of seg / n
-    unit_inter: torch.Tensor | None = None  # (R, C)
-    unit_size: torch.Tensor | None = None  # (C,)
-
-    def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.double().cpu()  # a few numbers per window; the tables are built on the CPU
-        current = getattr(self, name)
-        setattr(self, name, value if current is None else current + value)
-
-
-def _validate_window_args(image: Any, label: Any, roi_size: Any, overlap: float, sw_batch_size: int) -> tuple[int, ...]:
-    if not isinstance(image, torch.Tensor) or not 2 <= image.ndim <= 4:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image must be a tensor (C, *spatial) with 1-3 spatial dims, got {shape}")
-    spatial = tuple(image.shape[1:])
-    if label is not None:
-        if not isinstance(label, torch.Tensor):
-            raise ValueError(f"label must be a tensor (1, *spatial) or (*spatial), got {type(label).__name__}")
-        lab_spatial = tuple(label.shape[1:]) if label.ndim == image.ndim else tuple(label.shape)
-        if lab_spatial != spatial:
-            raise ValueError(f"label {tuple(label.shape)} does not match the image {tuple(image.shape)}")
-    roi = tuple(int(r) for r in roi_size) if isinstance(roi_size, (list, tuple)) else None
-    if roi is None or len(roi) != len(spatial):
-        raise ValueError(f"roi_size must give one window size per spatial dim ({len(spatial)}), got {roi_size!r}")
-    if isinstance(overlap, bool) or not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size}")
-    # Windows never exceed the volume (so MONAI pads nothing); a size <= 0 means the whole axis.
-    return tuple(s if r <= 0 or r > s else r for r, s in zip(roi, spatial, strict=True))
-
-
-def analyze_windows(
-    model: nn.Module,
-    image: torch.Tensor,
-    label: torch.Tensor | None = None,
-    *,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    sw_batch_size: int = 1,
-    layers: Any = "auto",
-    units: bool = False,
-    guide: Literal["prediction", "label"] = "prediction",
-    output: Literal["auto", "sigmoid", "softmax", "probabilities"] = "auto",
-    target: int | None = None,
-    mask: Literal["nonzero"] | None = None,
-    output_key: str | None = None,
-    image_id: str = "0",
-    empty: Literal["one", "nan"] = "one",
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-) -> SAResult:
-    """SA of every chosen layer of ``model`` on one large volume, processed in sliding windows.
-
-    Forward hooks fire once per window, so every layer's scores are accumulated over the windows,
-    inside the hooks (no window's features outlive its layer's step). With ``n(x)`` the number of
-    windows covering voxel ``x`` (MONAI's windows for ``roi_size`` and ``overlap``), ``F_w`` a
-    layer's features in window ``w`` (resized to the window grid, as in :func:`segability.analyze`):
-
-    1. Pass 1: MONAI ``sliding_window_inference`` stitches the network output (constant blending:
-       the mean over the windows covering a voxel); its target probability is the guide
-       ``g`` (or the label, ``guide="label"``) and its binarised map the prediction.
-    2. Pass 2: per layer, the volume prototypes ``p_k = S_k / T_k`` with
-       ``S_k = sum_w sum_{x in w} W_k(x) F_w(x) / n(x)`` and ``T_k = sum_x W_k(x)``,
-       ``W = [1 - g, g]`` (times the mask) cropped to each window; each voxel counts once overall.
-    3. Pass 3: every window's features go to the nearer volume prototype, giving ``seg_w``; per
-       reference ``R`` (label, prediction) the layer accumulates
-       ``I = sum_w sum_{x in w} seg_w(x) R(x) / n(x)`` and ``|seg| = sum_w sum_{x in w} seg_w(x) / n(x)``,
-       and ``SA = 2 I / (|seg| + |R|)`` with ``|R|`` counted over the volume. Units likewise.
-
-    Where windows overlap, a voxel's vote is shared between them (``1 / n(x)`` each). For a
-    network whose layers see only their own voxel (1x1 convolutions) every window's features equal
-    the whole-volume features, so the scores equal :func:`segability.analyze` on the whole volume
-    up to float rounding; otherwise the windows' borders differ, as the stitched output does. The
-    ``shape`` column is a layer's output shape for one window. The model runs three times per
-    window.
-
-    Args:
-        model: a network returning (B, K, *S) output on the window's grid.
-        image: (C, *S) volume (1-3 spatial dims), kept where it is; windows go to ``device``.
-        label: (1, *S) or (*S) label, or None.
-        roi_size: window size per spatial dim; a size <= 0 or larger than the volume takes the
-            whole axis.
-        overlap: window overlap fraction in [0, 1).
-        sw_batch_size: windows per forward pass.
-        layers, units, guide, output, target, output_key, empty, chunk_size: as in
-            :func:`segability.analyze`.
-        mask: None or ``"nonzero"`` (voxels where some image channel is non-zero shape the
-            prototypes).
-        image_id: the image's id in the tables.
-        device: where the model runs; default the model's device.
-
-    Returns:
-        :class:`segability.SAResult` with one image.
-
-    Raises:
-        ValueError: malformed arguments, or a model output whose spatial size is not the window's.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv3d(1, 4, 1), nn.ReLU(), nn.Conv3d(4, 1, 1))
-        >>> res = analyze_windows(net, torch.rand(1, 24, 24, 24), roi_size=(16, 16, 16))
-        >>> list(res.layers["layer"])
-        ['input', '0', '2']
-    """
-    roi = _validate_window_args(image, label, roi_size, overlap, sw_batch_size)
-    if guide not in ("prediction", "label"):
-        raise ValueError(f'guide must be "prediction" or "label", got {guide!r}')
-    if guide == "label" and label is None:
-        raise ValueError('guide="label" needs a label')
-    if mask not in (None, "nonzero"):
-        raise ValueError(f'mask must be None or "nonzero" for windowed analysis, got {mask!r}')
-    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        raise ValueError("model must be a Python torch.nn.Module (TorchScript cannot take forward hooks)")
-    from monai.inferers import sliding_window_inference
-
-    if isinstance(layers, str) and layers == "auto":
-        names = [n for n, m in model.named_modules() if n and isinstance(m, CONV_TYPES)]
-        if not names:
-            raise ValueError("layers='auto' found no convolution in the model: choose layers by name or type")
-    else:
-        names = [n for n, _ in resolve_layers(model, layers)]
-    if INPUT in names:
-        raise ValueError(f"a model layer is named {INPUT!r}, which is reserved for the input image")
-    target_given = target is not None
-    target_int = 1 if target is None else int(target)
-    params = next(iter(model.parameters()), None)
-    dev = torch.device(device) if device is not None else (params.device if params is not None else torch.device("cpu"))
-    in_dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
-
-    x = image.unsqueeze(0).to(in_dtype)
-    spatial = tuple(x.shape[2:])
-    window = dict(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="constant", with_coord=True)
-
-    # n(x): how many of MONAI's windows cover each voxel (a dry run on a one-channel volume).
-    coverage = torch.zeros((1, 1, *spatial), dtype=torch.float64)
-
-    def count(win: torch.Tensor, locations: list) -> torch.Tensor:
-        for loc in locations:
-            coverage[(slice(None), slice(None), *loc[2:])] += 1
-        return torch.zeros_like(win)
-
-    sliding_window_inference(torch.zeros((1, 1, *spatial)), predictor=count, **window)
-    inv_cover = (1.0 / coverage).float()
-
-    acc: dict[str, _LayerSums] = {INPUT: _LayerSums(channels=int(x.shape[1]), shape="x".join(map(str, _window_shape(x, roi))))}
-    first: dict[str, Any] = {}
-
-    def stitch(win: torch.Tensor, locations: list) -> torch.Tensor:
-        win = win.to(dev)
-        describe = not first
-
-        def note(name: str, t: torch.Tensor) -> None:
-            if describe:
-                sums = acc.setdefault(name, _LayerSums())
-                sums.calls += 1
-                feats, why = _features(t, win.shape[0], tuple(win.shape[2:]))
-                sums.shape, sums.skipped = "x".join(str(int(s)) for s in t.shape[1:]), why
-                sums.channels = 0 if feats is None else int(feats.shape[1])
-
-        with FeatureRecorder(model, names, callback=note) as rec:
-            out = output_tensor(model(win), output_key)
-        if tuple(out.shape[2:]) != tuple(win.shape[2:]):
-            raise ValueError(f"the model output {tuple(out.shape)} is not on the window's grid {tuple(win.shape[2:])}")
-        if describe:
-            first["order"], first["calls"] = list(rec.order), dict(rec.calls)
-        return out
-
-    with eval_mode(model), torch.no_grad():
-        stitched = sliding_window_inference(x, predictor=stitch, sw_device=dev, device=x.device, **window)
-        for d, name in enumerate(first["order"], start=1):
-            acc.setdefault(name, _LayerSums()).depth = d
-        for name in names:
-            sums = acc.setdefault(name, _LayerSums(depth=len(acc)))
-            if name not in first["order"]:
-                sums.skipped = "not called in the forward pass"
-            elif sums.calls == 0:
-                sums.skipped, sums.shape = "skipped: the layer's output holds no tensor", ""
-        reused = sorted(n for n, c in first["calls"].items() if c > 1)
-        if reused:
-            warnings.warn(f"layers called more than once per forward pass (their last call is scored): {reused}", stacklevel=2)
-
-        prob, pred, k = model_probabilities(stitched, output, target_int)
-        del stitched
-        valid = bool(torch.isfinite(prob).all())
-        prob = torch.nan_to_num(prob.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
-        pred = pred.float() * float(valid)
-        label_t = None
-        if label is not None:
-            lab = (label if label.ndim == image.ndim else label.unsqueeze(0)).unsqueeze(0).to(prob.device, torch.float32)
-            label_t = label_target(lab, k, target_int, target_given).float()
-        g = label_t if guide == "label" else prob
-        m = (x != 0).any(dim=1, keepdim=True).float() if mask == "nonzero" else None
-        weights = class_weights(g, m)  # (1, 2, *S)
-        total = weights.flatten(2).sum(-1)[0].double()  # (2,)
-        undefined = bool((total <= 0).any())
-        refs = pred if label_t is None else torch.cat([label_t, pred], dim=1)
-        ref_sizes = refs.flatten(2).sum(-1)[0].double()
-        scored = [n for n in names if not acc[n].skipped]
-
-        def run_hooked(win: torch.Tensor, each: Callable[[str, torch.Tensor], None]) -> None:
-            """Forward ``win``; hand every scored layer's last output, as features, to ``each``."""
-            seen: dict[str, int] = {}
-
-            def on(name: str, t: torch.Tensor) -> None:
-                seen[name] = seen.get(name, 0) + 1
-                if seen[name] == acc[name].calls:
-                    feats, _ = _features(t, win.shape[0], tuple(win.shape[2:]))
-                    if feats is not None:
-                        each(name, feats.float())
-
-            each(INPUT, win.float())
-            with FeatureRecorder(model, scored, callback=on):
-                model(win)
-
-        def prototype_pass(win: torch.Tensor, locations: list) -> torch.Tensor:
-            win = win.to(dev)
-            w = _crop(weights, locations, dev) * _crop(inv_cover, locations, dev)
-
-            def each(name: str, feats: torch.Tensor) -> None:
-                sums = acc[name]
-                if not bool(torch.isfinite(feats).all()):
-                    sums.finite = False
-                    return
-                low = resize_adjoint(w, feats.shape[2:])
-                sums.add("proto_sums", torch.bmm(low.flatten(2), feats.flatten(2).transpose(1, 2)).sum(0))
-
-            run_hooked(win, each)
-            return torch.zeros((win.shape[0], 1, *win.shape[2:]), device=win.device)
-
-        def overlap_pass(win: torch.Tensor, locations: list) -> torch.Tensor:
-            win = win.to(dev)
-            size = tuple(win.shape[2:])
-            cover = _crop(inv_cover, locations, dev)
-            r_cover = _crop(refs, locations, dev) * cover
-
-            def each(name: str, feats: torch.Tensor) -> None:
-                sums = acc[name]
-                if sums.protos is None:
-                    return
-                protos = sums.protos.unsqueeze(0).expand(feats.shape[0], -1, -1)
-                logits = class_logits(feats, protos, size)
-                seg = (logits[:, 1:2] > logits[:, 0:1]).float()
-                sums.add("inter", (seg * r_cover).flatten(2).sum(dim=(0, 2)))
-                sums.add("seg_size", (seg * cover).sum())
-                if units:
-                    u_inter, _ = unit_overlaps(feats, protos, torch.cat([r_cover, cover], dim=1), chunk_size=chunk_size)
-                    sums.add("unit_inter", u_inter[:, :-1].sum(0))
-                    sums.add("unit_size", u_inter[:, -1].sum(0))
-
-            run_hooked(win, each)
-            return torch.zeros((win.shape[0], 1, *size), device=win.device)
-
-        if valid and not undefined:
-            sliding_window_inference(x, predictor=prototype_pass, sw_device=dev, device=x.device, **window)
-            for sums in acc.values():
-                if sums.proto_sums is not None and sums.finite:
-                    sums.protos = (sums.proto_sums / total.unsqueeze(-1)).float().to(dev)
-            sliding_window_inference(x, predictor=overlap_pass, sw_device=dev, device=x.device, **window)
-
-    return _window_result(
-        acc, image_id=image_id, label_t=label_t, pred=pred, ref_sizes=ref_sizes, valid=valid, undefined=undefined,
-        units=units, empty=empty,
-        settings={
-            "model": type(model).__name__, "layers": [INPUT, *sorted(names, key=lambda n: acc[n].depth)],
-            "guide": guide, "output": output, "target": target_int, "units": units, "spatial_dims": len(spatial),
-            "mask": mask, "empty": empty, "roi_size": list(roi), "overlap": overlap, "sw_batch_size": sw_batch_size,
-            "device": str(dev), "n_images": 1,
-        },
-    )  # fmt: skip
-
-
-def _window_shape(x: torch.Tensor, roi: Sequence[int]) -> tuple[int, ...]:
-    """The shape (without batch) of one window of ``x``."""
-    return (int(x.shape[1]), *roi)
-
-
-def _window_result(
-    acc: dict[str, _LayerSums],
-    *,
-    image_id: str,
-    label_t: torch.Tensor | None,
-    pred: torch.Tensor,
-    ref_sizes: torch.Tensor,
-    valid: bool,
-    undefined: bool,
-    units: bool,
-    empty: str,
-    settings: dict[str, Any],
-) -> SAResult:
-    has_label = label_t is not None
-    empty_pred = valid and float(pred.sum()) == 0
-    layer_rows, unit_frames = [], []
-    for name, sums in sorted(acc.items(), key=lambda kv: kv[1].depth):
-        if sums.skipped:
-            layer_rows.append({"image": image_id, "layer": name, "depth": sums.depth, "channels": 0, "shape": sums.shape,
-                               "sa": math.nan, "sa_pred": math.nan, "reason": sums.skipped})  # fmt: skip
-            continue
-        sa = np.full(len(ref_sizes), math.nan)
-        unit_sa = np.full((len(ref_sizes), sums.channels), math.nan)
-        why = ""
-        if not valid:
-            why = "model output contains NaN or Inf"
-        elif not sums.finite:
-            why = "features contain NaN or Inf"
-        elif undefined:
-            why = "guide has no target or no background: prototypes undefined"
-        elif empty_pred:
-            why = "empty prediction: sa_pred undefined"
-        if sums.inter is not None:
-            sa = dice_from_counts(sums.inter, sums.seg_size.expand_as(sums.inter), ref_sizes, empty).numpy()
-            if sums.unit_inter is not None:
-                unit_sa = dice_from_counts(
-                    sums.unit_inter, sums.unit_size.unsqueeze(0).expand_as(sums.unit_inter), ref_sizes.unsqueeze(-1), empty
-                ).numpy()  # (R, C)
-        if empty_pred:
-            sa[-1] = math.nan
-            unit_sa[-1] = math.nan
-        layer_rows.append({"image": image_id, "layer": name, "depth": sums.depth, "channels": sums.channels,
-                           "shape": sums.shape, "sa": float(sa[0]) if has_label else math.nan,
-                           "sa_pred": float(sa[-1]), "reason": why})  # fmt: skip
-        if units:
-            c = sums.channels
-            unit_frames.append(pd.DataFrame({
-                "image": [image_id] * c, "layer": name, "unit": np.arange(c),
-                "sa": unit_sa[0] if has_label else np.full(c, math.nan), "sa_pred": unit_sa[-1],
-            }))  # fmt: skip
-    layers_df = _typed_layers(pd.DataFrame(layer_rows, columns=LAYER_COLUMNS))
-    if has_label and valid:
-        p, lab = pred.flatten().double(), label_t.flatten().double()
-        dice = float(dice_from_counts((p * lab).sum(), p.sum(), lab.sum(), empty))
-    else:
-        dice = math.nan
-    reason = "" if valid else "model output contains NaN or Inf"
-    if empty_pred:
-        reason = "empty prediction: sa_pred undefined"
-    hidden = layers_df[layers_df["layer"] != INPUT]
-    inputs = layers_df[layers_df["layer"] == INPUT]
-    images_df = _typed_images(pd.DataFrame([{
-        "image": image_id, "dice": dice, "mean_sa": hidden["sa"].mean(), "mean_sa_pred": hidden["sa_pred"].mean(),
-        "input_sa": float(inputs["sa"].iloc[0]), "input_sa_pred": float(inputs["sa_pred"].iloc[0]), "reason": reason,
-    }], columns=IMAGE_COLUMNS))  # fmt: skip
-    units_df = None
-    if units:
-        units_df = _typed_units(pd.concat(unit_frames, ignore_index=True) if unit_frames else pd.DataFrame(columns=UNIT_COLUMNS))
-    from segability import __version__
-
-    settings = {**settings, "version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    return SAResult(layers=layers_df, images=images_df, units=units_df, settings=settings)
-
-
-def _typed_layers(df: pd.DataFrame) -> pd.DataFrame:
-    return df.astype({"image": str, "layer": str, "depth": int, "channels": int, "shape": str, "sa": float, "sa_pred": float, "reason": str})
-
-
-def _typed_images(df: pd.DataFrame) -> pd.DataFrame:
-    return df.astype({c: float for c in IMAGE_COLUMNS if c not in ("image", "reason")} | {"image": str, "reason": str})
-
-
-def _typed_units(df: pd.DataFrame) -> pd.DataFrame:
-    return df.astype({"image": str, "layer": str, "unit": int, "sa": float, "sa_pred": float})
 
 
 # ----------------------------------------------------------------------------------- file names
@@ -481,15 +82,6 @@ def safe_name(image_id: str) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(image_id)).lstrip("._-")[:64] or "image"
     digest = hashlib.sha256(str(image_id).encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{base}-{digest}"
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- the run state
@@ -547,12 +139,12 @@ class _Shards:
             for kind in SHARD_KINDS[::-1]:
                 self.path(outcome.image_id, kind).unlink(missing_ok=True)
             payload = {"file": outcome.file, "image": outcome.image_id, "error": outcome.error}
-            _atomic_bytes(error_path, json.dumps(payload).encode())
+            write_atomic(error_path, json.dumps(payload).encode())
             return
         for kind in SHARD_KINDS:
             path = self.path(outcome.image_id, kind)
             if kind in outcome.shards:
-                _atomic_bytes(path, outcome.shards[kind])
+                write_atomic(path, outcome.shards[kind])
             elif kind != "images.parquet":
                 path.unlink(missing_ok=True)
         error_path.unlink(missing_ok=True)
@@ -567,44 +159,8 @@ class _Shards:
             path = self.path(image_id, f"{kind}.parquet")
             out[kind] = pd.read_parquet(path) if path.is_file() else None
         maps_path = self.path(image_id, "maps.npz")
-        out["maps"] = _maps_from_npz(maps_path.read_bytes()) if maps_path.is_file() else None
+        out["maps"] = next(iter(decode_maps(maps_path.read_bytes()).values())) if maps_path.is_file() else None
         return out
-
-
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
-def _maps_to_npz(entry: dict[str, Any]) -> bytes:
-    arrays: dict[str, np.ndarray] = {}
-    for key in ("image", "label", "prediction"):
-        if entry.get(key) is not None:
-            arrays[key] = entry[key]
-    for layer, arr in entry.get("layers", {}).items():
-        arrays[f"layer:{layer}"] = arr
-    for layer, units in entry.get("units", {}).items():
-        for unit, arr in units.items():
-            arrays[f"unit:{layer}:{unit}"] = arr
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
-def _maps_from_npz(data: bytes) -> dict[str, Any]:
-    entry: dict[str, Any] = {"image": None, "label": None, "prediction": None, "layers": {}, "units": {}}
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        for key in npz.files:
-            kind, _, rest = key.partition(":")
-            if kind == "layer":
-                entry["layers"][rest] = npz[key]
-            elif kind == "unit":
-                layer, unit = rest.rsplit(":", 1)
-                entry["units"].setdefault(layer, {})[int(unit)] = npz[key]
-            else:
-                entry[kind] = npz[key]
-    return entry
 
 
 # ------------------------------------------------------------------------------------- workers
@@ -669,11 +225,11 @@ class _Worker:
             fail.error = f"analysis failed: {type(cause).__name__}: {cause}"
             return fail
         images = result.images.assign(file=item.file, label_file=item.label)
-        shards = {"layers.parquet": _parquet_bytes(result.layers), "images.parquet": _parquet_bytes(images)}
+        shards = {"layers.parquet": table_bytes(result.layers, LAYERS), "images.parquet": table_bytes(images, IMAGES)}
         if result.units is not None:
-            shards["units.parquet"] = _parquet_bytes(result.units)
+            shards["units.parquet"] = table_bytes(result.units, UNITS)
         if item.image_id in result.maps:
-            shards["maps.npz"] = _maps_to_npz(result.maps[item.image_id])
+            shards["maps.npz"] = encode_maps({item.image_id: result.maps[item.image_id]})
         return _Outcome(item.index, item.image_id, item.file, "", shards)
 
 
@@ -966,12 +522,7 @@ def analyze_files(
     run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Load once here: a bad --model / --weights / --layers is a usage error before any work starts.
     local_model = load_model(model_spec, weights, trust_pickle=trust_pickle, device="cpu", model_args=model_args)
-    if layers == "auto":
-        names = [n for n, m in local_model.named_modules() if n and isinstance(m, CONV_TYPES)]
-        if not names:
-            raise ValueError("--layers: the model has no convolution; name the layers to analyse")
-    else:
-        names = [n for n, _ in resolve_layers(local_model, [layers] if isinstance(layers, str) else list(layers))]
+    names = layer_names(local_model, layers if layers == "auto" or not isinstance(layers, str) else [layers])
     task = _Task(
         model=model_spec, weights=None if weights is None else str(Path(weights).resolve()), model_args=dict(model_args or {}),
         trust_pickle=trust_pickle, device=run_device if engine == "local" else ("cuda" if gpus_per_worker > 0 else "cpu"),
@@ -999,7 +550,7 @@ def analyze_files(
             (out_path / name).unlink(missing_ok=True)
     store.dir.mkdir(parents=True, exist_ok=True)
     store.drop_partial()
-    _atomic_bytes(run_file, json.dumps(fingerprint, indent=2).encode())
+    write_atomic(run_file, json.dumps(fingerprint, indent=2).encode())
 
     todo = [it for it in items if not (resume and store.done(it.image_id))]
     n_resumed = len(items) - len(todo)
@@ -1009,10 +560,10 @@ def analyze_files(
         else:
             del local_model
             outcomes = _run_ray(task, todo, workers, ray_address, gpus_per_worker)
-        with _Progress(progress, len(items), n_resumed) as advance:
+        with progress_bar(progress, len(items), done=n_resumed, failures=True) as advance:
             for outcome in outcomes:
                 store.write(outcome)
-                advance(bool(outcome.error))
+                advance(1, failed=int(bool(outcome.error)))
 
     result, errors = _merge(store, items, units)
     result.settings = {
@@ -1076,13 +627,13 @@ def _merge(store: _Shards, items: Sequence[_Item], units: bool) -> tuple[SAResul
         else:
             error = store.error(item.image_id)
             errors.append({"file": item.file, "error": error if error is not None else "not analysed (the run stopped)"})
-    layers_df = _typed_layers(pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame(columns=LAYER_COLUMNS))
+    layers_df = typed(pd.concat(layer_frames, ignore_index=True), LAYERS) if layer_frames else empty_table(LAYERS)
     extra = ["file", "label_file"]
-    images_df = pd.concat(image_frames, ignore_index=True) if image_frames else pd.DataFrame(columns=IMAGE_COLUMNS + extra)
-    images_df = _typed_images(images_df).astype({c: str for c in extra})
+    images_df = pd.concat(image_frames, ignore_index=True) if image_frames else empty_table(IMAGES).assign(file="", label_file="")
+    images_df = typed(images_df, IMAGES).astype({c: str for c in extra})
     units_df = None
     if units:
-        units_df = _typed_units(pd.concat(unit_frames, ignore_index=True) if unit_frames else pd.DataFrame(columns=UNIT_COLUMNS))
+        units_df = typed(pd.concat(unit_frames, ignore_index=True), UNITS) if unit_frames else empty_table(UNITS)
     order = layers_df.drop_duplicates("layer").sort_values("depth", kind="stable")
     settings: dict[str, Any] = {}
     if len(order):
@@ -1091,41 +642,3 @@ def _merge(store: _Shards, items: Sequence[_Item], units: bool) -> tuple[SAResul
         settings["spatial_dims"] = len(str(shape.iloc[0]).split("x")) - 1 if len(shape) else None
     result = SAResult(layers=layers_df, images=images_df, units=units_df, maps=maps, settings=settings)
     return result, pd.DataFrame(errors, columns=["file", "error"])
-
-
-class _Progress:
-    """A rich progress bar over images (failures counted), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-        self._bar: Any = None
-        self.failed = 0
-
-    def __enter__(self) -> Callable[[bool], None]:
-        if not self.enabled:
-            return lambda failed: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("analysing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        )  # fmt: skip
-        self._bar.__enter__()
-        task = self._bar.add_task("analyse", total=self.total, completed=self.done, failed=0)
-
-        def advance(failed: bool) -> None:
-            self.failed += int(failed)
-            self._bar.update(task, advance=1, failed=self.failed)
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

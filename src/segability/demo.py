@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from segability.analysis import INPUT, RESULT_FILES, SAResult, analyze
+from segability.progress import progress_bar
 
 __all__ = ["DemoConfig", "DemoSummary", "run_demo", "demo_data", "decoder_start", "layer_findings"]
 
@@ -190,19 +191,21 @@ def run_demo(
 
     with _step("SA of every layer and unit (clean test set)", timing, console):
         clean_meta = pd.DataFrame({"image": clean.ids, "group": "clean", "severity": 0.0, "source": clean.ids})
-        res_clean = analyze(
-            model, cx, cy, ids=clean.ids, units=True, keep_maps=cfg.keep_maps, batch_size=cfg.batch_size,
-            metadata=clean_meta, progress=progress, model_name="reference UNet (MONAI)", data="mni_lesions test",
-        )
+        with progress_bar(progress, len(clean.ids)) as advance:
+            res_clean = analyze(
+                model, cx, cy, ids=clean.ids, units=True, keep_maps=cfg.keep_maps, batch_size=cfg.batch_size,
+                metadata=clean_meta, progress=advance, model_name="reference UNet (MONAI)", data="mni_lesions test",
+            )
     with _step("label-free mean SA (shifted suite)", timing, console):
         meta = suite.meta
         shift_meta = pd.DataFrame(
             {"image": suite.ids, "group": meta["shift"].astype(str).values, "severity": meta["severity"].astype(float).values,
              "source": [i.split("|")[0] for i in suite.ids]}
         )
-        res_shift = analyze(
-            model, sx, sy, ids=suite.ids, units=False, batch_size=cfg.batch_size, metadata=shift_meta, progress=progress,
-        )
+        with progress_bar(progress, len(suite.ids)) as advance:
+            res_shift = analyze(
+                model, sx, sy, ids=suite.ids, units=False, batch_size=cfg.batch_size, metadata=shift_meta, progress=advance,
+            )
 
     with _step("quality gate", timing, console):
         images = pd.concat([res_clean.images, res_shift.images], ignore_index=True)

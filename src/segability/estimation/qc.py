@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,7 +257,7 @@ def evaluate_qc(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     result: SAResult | None = None,
-    progress: bool = False,
+    progress: Callable[[int], None] | None = None,
     **analyze_kwargs: Any,
 ) -> QCEvaluation:
     """Measure the SA-based quality estimators and the baselines side by side on labelled images.
@@ -285,7 +285,7 @@ def evaluate_qc(
         batch_size: images per forward pass.
         device: where to run.
         result: an existing labelled analysis of the same images (skips the analysis).
-        progress: progress bars.
+        progress: called with the number of images analysed after each batch.
         **analyze_kwargs: passed to :func:`segability.analyze`.
 
     Returns:

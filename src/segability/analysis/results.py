@@ -1,0 +1,403 @@
+"""The result folder: the one owner of its schema, its maps archive, its writes and its reads.
+
+Every file a run writes is described here (``docs/architecture.md`` renders the same list):
+:class:`SAResult` saves and :func:`load_result` reads the tables; batch shards, ``qc``, the report
+and the estimation go through :func:`write_table` / :func:`read_table`, :func:`encode_maps` /
+:func:`decode_maps` and :func:`write_atomic`. A table is checked against its schema on write and
+on read (:func:`validate_table`), so a wrong dtype or a missing column fails where it is made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "INPUT",
+    "Column",
+    "Schema",
+    "LAYERS",
+    "IMAGES",
+    "UNITS",
+    "ERRORS",
+    "QC",
+    "HISTORY",
+    "SCHEMAS",
+    "RESULT_FILES",
+    "SHARD_DIR",
+    "RUN_FILE",
+    "SAResult",
+    "load_result",
+    "validate_table",
+    "empty_table",
+    "typed",
+    "write_table",
+    "read_table",
+    "table_bytes",
+    "encode_maps",
+    "decode_maps",
+    "write_atomic",
+    "layer_means",
+]
+
+INPUT = "input"  # the layer name of the input image itself
+SHARD_DIR = "shards"
+RUN_FILE = "run.json"  # in shards/: the run's fingerprint, for --resume
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column: name, pandas dtype (``"string"``, ``"int64"``, ``"float64"``, ``"bool"``), whether NaN may appear."""
+
+    name: str
+    dtype: str
+    nullable: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A table of the result folder: its file name and columns; ``extra`` allows more columns."""
+
+    file: str
+    columns: tuple[Column, ...]
+    extra: bool = False
+    doc: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+_STATUS = Column("status", "string", doc="why a score is undefined: ok, output_not_finite, features_not_finite, "
+                 "undefined_prototypes, empty_prediction, not_features, not_called, failed")  # fmt: skip
+_REASON = Column("reason", "string", doc="the status in words (empty when ok), with detail such as an error message")
+
+LAYERS = Schema(
+    "layers.parquet",
+    (
+        Column("image", "string", doc="image id"),
+        Column("layer", "string", doc=f"layer name; {INPUT!r} is the input image"),
+        Column("depth", "int64", doc=f"forward order; {INPUT!r} = 0"),
+        Column("channels", "int64", doc="channels of the features (0 when not scored)"),
+        Column("shape", "string", doc="the layer output's shape without batch, e.g. 16x64x64"),
+        Column("sa", "float64", True, "SA against the label (NaN without label)"),
+        Column("sa_pred", "float64", True, "SA against the network's binarised prediction"),
+        _STATUS,
+        _REASON,
+    ),
+    doc="one row per image and layer",
+)
+IMAGES = Schema(
+    "images.parquet",
+    (
+        Column("image", "string"),
+        Column("dice", "float64", True, "the network output against the label"),
+        Column("mean_sa", "float64", True, "mean of sa over the hidden layers with a defined sa"),
+        Column("mean_sa_pred", "float64", True, "mean of sa_pred over the hidden layers with a defined sa_pred"),
+        Column("input_sa", "float64", True, f"sa of the {INPUT!r} layer (the raw image) against the label"),
+        Column("input_sa_pred", "float64", True, f"sa_pred of the {INPUT!r} layer"),
+        _STATUS,
+        _REASON,
+    ),
+    extra=True,
+    doc="one row per image; callers add metadata columns (group, severity, file, label_file)",
+)
+UNITS = Schema(
+    "units.parquet",
+    (
+        Column("image", "string"),
+        Column("layer", "string"),
+        Column("unit", "int64"),
+        Column("sa", "float64", True),
+        Column("sa_pred", "float64", True),
+    ),
+    doc="one row per image, layer and unit (when units were analysed)",
+)
+ERRORS = Schema(
+    "errors.csv",
+    (
+        Column("file", "string", doc="the input file"),
+        Column("stage", "string", doc="read, model, analysis or not_run"),
+        Column("error", "string", doc="the error type and message"),
+        Column("traceback", "string", doc="the worker's traceback (empty when none)"),
+    ),
+    doc="one row per input file that could not be analysed",
+)
+QC = Schema(
+    "qc.csv",
+    (
+        Column("image", "string"),
+        Column("estimated_dice", "float64", True),
+        Column("lower", "float64", True, doc="lower end of the estimate's interval"),
+        Column("upper", "float64", True, doc="upper end of the estimate's interval"),
+        Column("flag", "bool", doc="sent to a person for review"),
+        Column("status", "string", doc="the gate's status: ok, low_input_sa, model_fails, no_input_sa, "
+               "empty_prediction, failed"),  # fmt: skip
+        _REASON,
+    ),
+    extra=True,
+    doc="the quality gate, one row per image; also the scores it used (mean_sa_pred, input_sa_pred, ...)",
+)
+HISTORY = Schema(
+    "history.csv",
+    (Column("epoch", "int64"), Column("layer", "string"), Column("sa", "float64", True)),
+    doc="SA per layer during training",
+)
+SCHEMAS = {s.file: s for s in (LAYERS, IMAGES, UNITS, ERRORS, QC, HISTORY)}
+RESULT_FILES = ("layers.parquet", "images.parquet", "units.parquet", "settings.json", "maps.npz")
+
+
+# ------------------------------------------------------------------------------------ tables
+def empty_table(schema: Schema) -> pd.DataFrame:
+    """A table with the schema's columns and dtypes and no rows."""
+    return typed(pd.DataFrame({c.name: [] for c in schema.columns}), schema)
+
+
+def typed(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """``df`` with the schema's columns cast to their dtypes (missing nullable columns added as NaN)."""
+    df = df.copy()
+    for c in schema.columns:
+        if c.name not in df.columns and c.nullable:
+            df[c.name] = np.nan
+        if c.name not in df.columns:
+            continue
+        if c.dtype == "string":
+            df[c.name] = df[c.name].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)).astype(object)
+        elif c.dtype == "bool":
+            df[c.name] = df[c.name].astype(bool)
+        else:
+            df[c.name] = df[c.name].astype(c.dtype)
+    order = schema.names + [c for c in df.columns if c not in schema.names]
+    return df[[c for c in order if c in df.columns]]
+
+
+def validate_table(df: pd.DataFrame, schema: Schema, *, source: str = "") -> None:
+    """Raise ``ValueError`` unless ``df`` has the schema's columns, dtypes and nullability."""
+    where = f" in {source}" if source else ""
+    missing = [c for c in schema.names if c not in df.columns]
+    if missing:
+        raise ValueError(f"{schema.file}{where} lacks the column(s) {missing}; it has {list(df.columns)}")
+    if not schema.extra:
+        extra = [c for c in df.columns if c not in schema.names]
+        if extra:
+            raise ValueError(f"{schema.file}{where} has unknown column(s) {extra}")
+    for c in schema.columns:
+        values = df[c.name]
+        if c.dtype == "string":
+            ok = values.map(lambda v: isinstance(v, str)).all()
+        elif c.dtype == "bool":
+            ok = pd.api.types.is_bool_dtype(values)
+        elif c.dtype == "int64":
+            ok = pd.api.types.is_integer_dtype(values)
+        else:
+            ok = pd.api.types.is_float_dtype(values)
+        if not ok:
+            raise ValueError(f"{schema.file}{where}: column {c.name!r} must hold {c.dtype}, got {values.dtype}")
+        if not c.nullable and c.dtype == "float64" and bool(values.isna().any()):
+            raise ValueError(f"{schema.file}{where}: column {c.name!r} must not hold NaN")
+
+
+def table_bytes(df: pd.DataFrame, schema: Schema) -> bytes:
+    """The table, checked, as Parquet (or CSV for a ``.csv`` schema) bytes."""
+    validate_table(df, schema)
+    buf = io.BytesIO()
+    if schema.file.endswith(".csv"):
+        df.to_csv(buf, index=False)
+    else:
+        df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike, schema: Schema) -> Path:
+    """Check ``df`` against ``schema`` and write it atomically to ``path``."""
+    return write_atomic(path, table_bytes(df, schema))
+
+
+def read_table(path: str | os.PathLike, schema: Schema) -> pd.DataFrame:
+    """Read a table of the result folder and check it against its schema.
+
+    A table written by an earlier version without the ``status`` column gets one derived from
+    ``reason`` (``ok`` where the reason is empty, else ``unknown``).
+    """
+    path = Path(path)
+    if schema.file.endswith(".csv"):
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        for c in schema.columns:
+            if c.name in df.columns and c.dtype == "string":
+                df[c.name] = df[c.name].map(lambda v: "" if isinstance(v, float) and np.isnan(v) else str(v)).astype(object)
+        if schema is ERRORS:
+            for name in ("stage", "traceback"):
+                if name not in df.columns:
+                    df[name] = ""
+    else:
+        df = pd.read_parquet(path)
+    if "status" in schema.names and "status" not in df.columns and "reason" in df.columns:
+        df["status"] = np.where(df["reason"].fillna("").astype(str) == "", "ok", "unknown").astype(object)
+    df = typed(df, schema)
+    validate_table(df, schema, source=str(path))
+    return df
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise OSError(exc.errno, f"no space left on the device to write {path}; free some space and run again") from exc
+        raise
+    return path
+
+
+def layer_means(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per image: ``mean_sa`` and ``mean_sa_pred`` over the hidden layers (``input`` excluded),
+    skipping undefined (NaN) scores; ``input_sa`` and ``input_sa_pred``. The one definition of
+    these names, used by the analysis and the estimation alike."""
+    hidden = layers[layers["layer"] != INPUT]
+    means = hidden.groupby("image", sort=False)[["sa", "sa_pred"]].mean()  # pandas' mean skips NaN
+    means.columns = ["mean_sa", "mean_sa_pred"]
+    inputs = layers[layers["layer"] == INPUT].set_index("image")[["sa", "sa_pred"]]
+    inputs.columns = ["input_sa", "input_sa_pred"]
+    return means.join(inputs, how="outer")
+
+
+# -------------------------------------------------------------------------------------- maps
+def encode_maps(maps: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """The kept maps of one or more images as ``.npz`` bytes, in the folder's one key scheme.
+
+    For the k-th image: ``"{k}:image"`` (C, *S) float32, ``"{k}:label"`` (*S) uint8,
+    ``"{k}:prediction"`` (*S) float32, ``"{k}:layer:{layer}"`` (*S) uint8,
+    ``"{k}:unit:{layer}:{unit}"`` (*S) uint8; ``"image_ids"`` maps k to the image id.
+    """
+    arrays: dict[str, np.ndarray] = {"image_ids": np.array(list(maps), dtype=str)}
+    for k, entry in enumerate(maps.values()):
+        for key in ("image", "label", "prediction"):
+            if entry.get(key) is not None:
+                arrays[f"{k}:{key}"] = np.asarray(entry[key])
+        for layer, arr in entry.get("layers", {}).items():
+            arrays[f"{k}:layer:{layer}"] = np.asarray(arr)
+        for layer, units in entry.get("units", {}).items():
+            for unit, arr in units.items():
+                arrays[f"{k}:unit:{layer}:{unit}"] = np.asarray(arr)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_maps(data: bytes | str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read what :func:`encode_maps` wrote (bytes or a file path): ``{image id: entry}``."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else Path(data)
+    with np.load(source, allow_pickle=False) as npz:
+        ids = [str(i) for i in npz["image_ids"]]
+        maps = {i: {"image": None, "label": None, "prediction": None, "layers": {}, "units": {}} for i in ids}
+        for key in npz.files:
+            if key == "image_ids":
+                continue
+            k, kind, *rest = key.split(":", 2)
+            entry = maps[ids[int(k)]]
+            if kind == "layer":
+                entry["layers"][rest[0]] = npz[key]
+            elif kind == "unit":
+                layer, unit = rest[0].rsplit(":", 1)
+                entry["units"].setdefault(layer, {})[int(unit)] = npz[key]
+            else:
+                entry[kind] = npz[key]
+    return maps
+
+
+# ---------------------------------------------------------------------------------- SAResult
+@dataclass
+class SAResult:
+    """Tables of an analysis (the columns are :data:`LAYERS`, :data:`IMAGES`, :data:`UNITS`).
+
+    Attributes:
+        layers: one row per image and layer.
+        images: one row per image, plus caller metadata columns.
+        units: one row per image, layer and unit (when units were analysed).
+        maps: kept maps by image id: ``{"image", "label", "prediction", "layers": {layer: map},
+            "units": {layer: {unit: map}}}``.
+        settings: the run's settings.
+    """
+
+    layers: pd.DataFrame
+    images: pd.DataFrame
+    units: pd.DataFrame | None = None
+    maps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def layer_summary(self) -> pd.DataFrame:
+        """Mean, standard deviation and count of ``sa`` and ``sa_pred`` per layer, in forward order."""
+        g = self.layers.groupby(["depth", "layer"], sort=True)[["sa", "sa_pred"]]
+        out = g.agg(["mean", "std", "count"])
+        out.columns = [f"{a}_{b}" for a, b in out.columns]
+        return out.reset_index()
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False, keep: Sequence[str] = ()) -> Path:
+        """Write the result folder (``layers.parquet``, ``images.parquet``, ``units.parquet``,
+        ``settings.json``, ``maps.npz``).
+
+        Args:
+            directory: the folder (created when missing).
+            overwrite: replace result files already there.
+            keep: names of other files a caller writes next (they are not counted as earlier results).
+
+        Raises:
+            FileExistsError: when the folder already holds result files and ``overwrite`` is False.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        existing = [f for f in RESULT_FILES if (path / f).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{path} already holds results ({', '.join(existing)}); pass overwrite=True to replace them, "
+                "or choose another folder"
+            )
+        for name in existing:
+            (path / name).unlink()
+        write_table(self.layers, path / LAYERS.file, LAYERS)
+        write_table(self.images, path / IMAGES.file, IMAGES)
+        if self.units is not None:
+            write_table(self.units, path / UNITS.file, UNITS)
+        write_atomic(path / "settings.json", json.dumps(self.settings, indent=2, default=str).encode())
+        if self.maps:
+            write_atomic(path / "maps.npz", encode_maps(self.maps))
+        return path
+
+
+def load_result(directory: str | os.PathLike) -> SAResult:
+    """Read a result folder written by :meth:`SAResult.save` (or merged by a batch run).
+
+    Raises:
+        FileNotFoundError: when ``layers.parquet`` or ``images.parquet`` is missing.
+        ValueError: when a table does not follow its schema.
+    """
+    path = Path(directory)
+    for required in (LAYERS.file, IMAGES.file):
+        if not (path / required).exists():
+            raise FileNotFoundError(f"{path} is not a segability result folder: {required} is missing")
+    units = read_table(path / UNITS.file, UNITS) if (path / UNITS.file).exists() else None
+    settings = json.loads((path / "settings.json").read_text()) if (path / "settings.json").exists() else {}
+    maps = decode_maps(path / "maps.npz") if (path / "maps.npz").exists() else {}
+    return SAResult(
+        layers=read_table(path / LAYERS.file, LAYERS),
+        images=read_table(path / IMAGES.file, IMAGES),
+        units=units,
+        maps=maps,
+        settings=settings,
+    )
