@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import INPUT, analyze, label_target, model_probabilities, progress_bar
+from segability.analysis import INPUT, analyze, label_target, model_probabilities
 from segability.capture import (
     CONV_TYPES,
     FeatureRecorder,
@@ -41,6 +41,7 @@ from segability.capture import (
     resolve_layers,
 )
 from segability.core.functional import dice_from_counts
+from segability.progress import progress_bar
 
 __all__ = [
     "RANKINGS",

@@ -12,6 +12,7 @@ import typer
 from segability.cli.app import app
 from segability.cli.console import fail as _fail
 from segability.cli.console import literal
+from segability.progress import progress_bar
 
 MODEL_HELP = "Model factory: path/to/file.py:factory or package.module:factory."
 WEIGHTS_HELP = "State dict file, read with weights_only=True."
@@ -105,7 +106,8 @@ def qc_command(
               "`segability calibrate --model ... --images DIR --labels DIR` on labelled images of the same kind")
     try:
         cal = Calibration.load(calibration)
-        table, result = qc(net, list(xs), calibration=cal, threshold=threshold, use_lower=use_lower, ids=ids, progress=True)
+        with progress_bar(True, len(xs)) as advance:
+            table, result = qc(net, list(xs), calibration=cal, threshold=threshold, use_lower=use_lower, ids=ids, progress=advance)
     except ValueError as exc:
         _fail(console, str(exc))
     result.save(out, overwrite=True)
@@ -148,7 +150,8 @@ def calibrate_command(
     from segability.estimation.qc import fit_calibration
 
     try:
-        result = analyze(net, list(zip(xs, ys, strict=True)), ids=ids, target=target, progress=True)
+        with progress_bar(True, len(xs)) as advance:
+            result = analyze(net, list(zip(xs, ys, strict=True)), ids=ids, target=target, progress=advance)
         cal = fit_calibration(net, result, method=method, alpha=alpha)
     except ValueError as exc:
         _fail(console, str(exc))
@@ -208,7 +211,8 @@ def evaluate_qc_command(
     from segability.estimation.qc import COMPARISON_COLUMNS, evaluate_qc
 
     try:
-        ev = evaluate_qc(net, xs, ys, ids=ids, sources=sources, seeds=seed_list, threshold=threshold, target=target, progress=True)
+        with progress_bar(True, len(xs)) as advance:
+            ev = evaluate_qc(net, xs, ys, ids=ids, sources=sources, seeds=seed_list, threshold=threshold, target=target, progress=advance)
     except ValueError as exc:
         _fail(console, str(exc))
     ev.comparison.to_csv(out / "qc_comparison.csv", index=False)
