@@ -32,7 +32,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def layer_names(n: int, style: str) -> list[str]:
-    """``n`` layer names: MONAI UNet-like ("unet", no encoder/decoder words) or "encdec"."""
+    """``n`` layer names: MONAI UNet-like ("unet": roles from the structure), with role words
+    ("encdec"), or "plain" (``block0``...: the names do not tell a role)."""
     if style == "unet":
         half = (n + 1) // 2
         names = []
@@ -52,13 +53,15 @@ def layer_names(n: int, style: str) -> list[str]:
             + ["bottleneck"]
             + [f"decoder.{i}" if i % 2 == 0 else f"upcat_{i}" for i in range(dec)]
         )
-    raise ValueError(f"style must be 'unet' or 'encdec', got {style!r}")
+    if style == "plain":
+        return [f"block{i}" for i in range(n)]
+    raise ValueError(f"style must be 'unet', 'encdec' or 'plain', got {style!r}")
 
 
-def _blob(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+def _blob(shape: Sequence[int], rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij")
     centre = [rng.uniform(0.35, 0.65) * s for s in shape]
-    radii = [rng.uniform(0.14, 0.24) * s for s in shape]
+    radii = [rng.uniform(0.14, 0.24) * scale * s for s in shape]
     r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True))
     return r2
 
@@ -90,8 +93,11 @@ def write_result(
     settings: bool = True,
     groups: bool = True,
     malicious: bool = False,
-    findings: Sequence[str] | None = None,
+    findings: Sequence[str | dict] | None = None,
     empty_prediction: bool = False,
+    empty_first: bool = False,
+    lesion_scale: float = 1.0,
+    errors: Sequence[tuple[str, str]] | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a synthetic result folder and return its path.
@@ -99,7 +105,7 @@ def write_result(
     Args:
         root: folder to create.
         n_images, n_layers: sizes of the run (plus the ``input`` pseudo-layer).
-        names: layer naming style, "unet" or "encdec".
+        names: layer naming style, "unet", "encdec" or "plain".
         spatial: image size (2 or 3 dims).
         labels: with labels (``sa``, ``dice`` defined) or without (NaN).
         units: units per layer in units.parquet (0: no units.parquet).
@@ -108,8 +114,11 @@ def write_result(
         qc, history, timing, settings: write these optional files.
         groups: add ``group``/``severity`` metadata columns to images.parquet.
         malicious: use HTML-like image id, layer name and settings value.
-        findings: write findings.json with these statements.
+        findings: write findings.json with these statements (strings or {"text", "images"}).
         empty_prediction: the last image's prediction is empty (its ``sa_pred`` undefined).
+        empty_first: the first image has no target: empty label and empty prediction.
+        lesion_scale: scale of the blob's radii (0.2: a small lesion).
+        errors: write errors.csv with these (file, error) rows.
         seed: random seed.
     """
     root = Path(root)
@@ -131,7 +140,9 @@ def write_result(
     layer_rows, image_rows, unit_rows, arrays = [], [], [], {}
     for i, image_id in enumerate(ids):
         shifted = groups and i % 3 == 2
-        r2 = _blob(spatial, rng)
+        r2 = _blob(spatial, rng, lesion_scale)
+        if empty_first and i == 0:
+            r2 = np.full(spatial, 4.0)  # no target anywhere
         target = r2 <= 1.0
         image = (0.2 + 0.6 * target + rng.normal(0, 0.12 if not shifted else 0.3, spatial)).astype(
             np.float32
@@ -142,8 +153,8 @@ def write_result(
             + rng.normal(0, 1.6 * (1 - quality), spatial)
             - (1 - quality) * 3
         )
-        prediction = (1 / (1 + np.exp(-logit))).astype(np.float32)
-        if empty_prediction and i == n_images - 1:
+        prediction = (1 / (1 + np.exp(-np.clip(logit, -60, 60)))).astype(np.float32)
+        if (empty_prediction and i == n_images - 1) or (empty_first and i == 0):
             prediction = np.zeros_like(prediction)
         pred_mask = prediction >= 0.5
         label = target.astype(np.uint8) if labels else None
@@ -284,4 +295,8 @@ def write_result(
         )
     if findings is not None:
         (root / "findings.json").write_text(json.dumps(list(findings)))
+    if errors is not None:
+        pd.DataFrame(list(errors), columns=["file", "error"]).to_csv(
+            root / "errors.csv", index=False
+        )
     return root

@@ -36,6 +36,7 @@ from segability.estimation import (
     spearman,
     state_dict_hash,
 )
+from segability.estimation.selection import layer_roles
 
 FP = fingerprint("modelhash", ["l1", "l2"])
 
@@ -98,6 +99,58 @@ def test_decoder_rule_on_real_monai_unet_names():
     assert convs == ["model.0.conv", "model.1.submodule.0.conv", "model.1.submodule.1.submodule.conv",
                      "model.1.submodule.2.conv", "model.2.conv"]
     assert decoder_layers(convs) == ["model.1.submodule.2.conv", "model.2.conv"]
+    assert layer_roles(["input", *convs]) == {
+        "input": None,
+        "model.0.conv": "encoder",
+        "model.1.submodule.0.conv": "encoder",
+        "model.1.submodule.1.submodule.conv": "bottleneck",
+        "model.1.submodule.2.conv": "decoder",
+        "model.2.conv": "decoder",
+    }
+
+
+def test_layer_roles_of_a_residual_monai_unet_follow_its_forward_order():
+    """Every layer of a real MONAI UNet with residual units: encoder, then bottleneck, then decoder."""
+    from monai.networks.nets import UNet
+
+    net = UNet(2, 1, 1, (4, 8, 16, 32), (2, 2, 2), num_res_units=1)
+    convs = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    roles = list(layer_roles(convs).values())
+    first_bottom, first_up = roles.index("bottleneck"), roles.index("decoder")
+    assert roles == (
+        ["encoder"] * first_bottom
+        + ["bottleneck"] * (first_up - first_bottom)
+        + ["decoder"] * (len(roles) - first_up)
+    )
+    assert first_bottom == 6 and first_up - first_bottom == 2  # 3 down blocks of 2 convs, 1 bottom
+    assert decoder_layers(convs) == convs[first_up:]
+
+
+def test_layer_roles_from_name_words():
+    basic_unet = ["conv_0", "down_1", "down_4", "upcat_4", "upcat_1", "final_conv"]
+    assert layer_roles(basic_unet) == {
+        "conv_0": None,
+        "down_1": "encoder",
+        "down_4": "encoder",
+        "upcat_4": "decoder",
+        "upcat_1": "decoder",
+        "final_conv": None,
+    }
+    assert layer_roles(["encoder.layers.2", "decoderBlock3", "UpSample1", "encoder.up", "mid.bottleneck"]) == {
+        "encoder.layers.2": "encoder",
+        "decoderBlock3": "decoder",
+        "UpSample1": "decoder",
+        "encoder.up": None,  # words of two paths: not told
+        "mid.bottleneck": "bottleneck",
+    }
+    # words win over structure: one name with a word leaves MONAI-like names without a role
+    assert layer_roles(["model.0.conv", "model.2.upsample"]) == {"model.0.conv": None, "model.2.upsample": "decoder"}
+    # neither rule: no role; "update" and "decay" are not "up"/"dec"
+    assert set(layer_roles(["block1", "update_gate", "decay.2", "model.head"]).values()) == {None}
+    t = layers_table({"a": {"input": 0.1, "enc": 0.2, "dec": 0.3}}, depth={"input": 0, "dec": 1, "enc": 2})
+    assert list(layer_roles(t).items()) == [("input", None), ("dec", "decoder"), ("enc", "encoder")]  # by depth
+    with pytest.raises(ValueError, match="string"):
+        layer_roles("model.0.conv")
 
 
 def test_decoder_depth_fallback_second_half():

@@ -23,13 +23,35 @@ from typer.testing import CliRunner
 
 from report_fixtures import MALICIOUS_IMAGE, MALICIOUS_LAYER, MALICIOUS_SETTING, write_result
 from segability.cli.app import app
-from segability.report import build_report
-from segability.report.data import layer_roles, quality_table, read_result_folder
-from segability.report.figures import SliceView, blend, pick_slice, unit_matrix
+from segability.estimation.selection import layer_roles
+from segability.report import IncompleteRunError, build_report
+from segability.report.data import (
+    describe_images,
+    parse_findings,
+    quality_table,
+    read_result_folder,
+)
+from segability.report.figures import (
+    SliceView,
+    blend,
+    focus_box,
+    history_chart,
+    layer_labels,
+    pick_slice,
+    quality_scatter_chart,
+    sa_per_layer_chart,
+    short_labels,
+    unit_matrix,
+)
+from segability.report.html import quality_columns
 
 FINDINGS = [
     "Mean SA against the prediction ranks images as Dice does.",
     "<i>decoder</i> layers segment best.",
+]
+FAILED = [
+    ("scans/broken.nii.gz", "OSError: not a gzip file"),
+    ("scans/<b>odd</b>.nii", "ValueError: 4 channels"),
 ]
 
 
@@ -120,6 +142,7 @@ ALLOWED_TAGS = {
     "th",
     "td",
     "script",
+    "wbr",
 }
 
 
@@ -151,6 +174,7 @@ def full(tmp_path_factory):
         keep_maps=3,
         malicious=True,
         findings=FINDINGS,
+        errors=FAILED,
     )
     path = build_report(root)
     return root, path.read_text(encoding="utf-8")
@@ -228,7 +252,16 @@ def test_every_view_is_present_when_its_data_is(full):
     n_layers, kept, best = 8, 3, 3
     images_in = {
         sid: section(page, sid).count("<img ")
-        for sid in ("findings", "sa-layers", "maps", "units", "quality", "history", "settings")
+        for sid in (
+            "findings",
+            "sa-layers",
+            "maps",
+            "units",
+            "quality",
+            "failed",
+            "history",
+            "settings",
+        )
     }
     assert images_in == {
         "findings": 0,
@@ -236,6 +269,7 @@ def test_every_view_is_present_when_its_data_is(full):
         "maps": kept * (3 + n_layers),  # image, label, prediction, then each layer
         "units": 2 + n_layers * best,  # two charts, then the first image's best units
         "quality": 1 + kept,  # the scatter, a thumbnail per kept image
+        "failed": 0,
         "history": 1,
         "settings": 0,
     }
@@ -247,27 +281,62 @@ def test_every_view_is_present_when_its_data_is(full):
         )
     # the TOC lists the views in reading order
     toc = re.findall(r'<a href="#([^"]+)">', page)
-    assert toc == ["findings", "sa-layers", "maps", "units", "quality", "history", "settings"]
+    assert toc == [
+        "findings",
+        "sa-layers",
+        "maps",
+        "units",
+        "quality",
+        "failed",
+        "history",
+        "settings",
+    ]
 
 
 def test_absent_views_say_why(minimal):
     _, page = minimal
     assert section(page, "findings") is None  # no findings: no section
-    for sid, file in (("maps", "maps.npz"), ("units", "units.parquet"), ("history", "history.csv")):
+    for sid, file in (
+        ("maps", "maps.npz"),
+        ("units", "units.parquet"),
+        ("history", "history.csv"),
+        ("failed", "errors.csv"),
+    ):
         body = section(page, sid)
-        assert "Not shown" in body and file in body and "<img" not in body
+        assert ("Not shown" in body or sid == "failed") and file in body and "<img" not in body
         assert f'<li class="missing"><a href="#{sid}">' in page
+    assert "No failure recorded" in section(page, "failed")
     quality = section(page, "quality")
     assert "no labels in this run" in quality  # no scatter without Dice
     assert 'id="table-quality"' in quality  # but the label-free ranking is there
     assert section(page, "sa-layers").count("<img ") == 1
 
 
-def test_encoder_decoder_shading_is_explained(full, minimal):
-    assert "shading marks encoder and decoder layers" in section(full[1], "sa-layers")
-    assert "do not tell encoder from decoder, so nothing is shaded" in section(
-        minimal[1], "sa-layers"
+def test_layer_roles_are_the_estimation_rule_and_shading_is_explained(full, minimal, tmp_path):
+    """The report's "part" column is segability.estimation.selection.layer_roles, for role words
+    (full) and MONAI UNet structure (minimal) alike; names that tell nothing are not shaded."""
+    for root, page in (full, minimal):
+        t = Tables(page)
+        names = t.column("table-layers", "layer", text=True)
+        roles = layer_roles(pd.read_parquet(root / "layers.parquet"))
+        assert t.column("table-layers", "part", text=True) == [roles[n] or "" for n in names]
+    assert "shading marks encoder, bottleneck and decoder layers" in section(full[1], "sa-layers")
+    minimal_roles = Tables(minimal[1]).column("table-layers", "part", text=True)
+    assert minimal_roles == [
+        "",
+        "encoder",
+        "encoder",
+        "bottleneck",
+        "decoder",
+        "decoder",
+        "decoder",
+    ]
+    root = write_result(
+        tmp_path / "plain", n_images=3, names="plain", keep_maps=0, units=0, qc=False, history=False
     )
+    page = build_report(root).read_text(encoding="utf-8")
+    assert "do not tell encoder from decoder, so nothing is shaded" in section(page, "sa-layers")
+    assert "part" not in Tables(page).tables["table-layers"]["headers"]
 
 
 def test_layer_table_holds_the_means_and_quartiles_of_the_folder(full):
@@ -295,14 +364,17 @@ def test_undefined_scores_are_counted_with_their_reason(minimal):
     assert "empty prediction: no target prototype" in section(page, "sa-layers")
 
 
-def test_quality_table_is_sorted_by_the_estimate_and_flags_match_qc(full):
+def test_quality_table_puts_flagged_first_then_sorts_by_the_estimate(full):
     root, page = full
     qc = pd.read_csv(root / "qc.csv", dtype={"image": str})
     t = Tables(page)
     ids = t.column("table-quality", "image", text=True)
-    assert ids == qc.sort_values("estimated_dice", kind="stable")["image"].tolist()
+    want = qc.assign(f=~qc["flag"]).sort_values(["f", "estimated_dice"], kind="stable")
+    assert ids == want["image"].tolist()
     est = np.array(t.column("table-quality", "estimated Dice"), dtype=float)
-    assert np.all(np.diff(est) >= 0)
+    n_flagged = int(qc["flag"].sum())
+    assert 0 < n_flagged < len(qc)
+    assert np.all(np.diff(est[:n_flagged]) >= 0) and np.all(np.diff(est[n_flagged:]) >= 0)
     flagged = dict(zip(qc["image"], qc["flag"], strict=True))
     assert [c == "flagged" for c in t.tables["table-quality"]["classes"]] == [
         bool(flagged[i]) for i in ids
@@ -326,7 +398,8 @@ def test_scatter_caption_gives_spearman_and_pearson_of_the_folder(full):
     quality = section(page, "quality")
     assert f"Spearman ρ = {rho:.3f}" in quality
     assert f"Pearson r = {r:.3f}" in quality
-    assert f"n = {len(images)}" in quality and "coloured by group" in quality
+    assert f"n = {len(images)}" in quality and "Coloured by group" in quality
+    assert f"Each dot is an image of images.parquet, {len(images)} images (all 2 groups" in quality
 
 
 def test_rank_correlations_with_ties_match_scipy():
@@ -339,6 +412,121 @@ def test_rank_correlations_with_ties_match_scipy():
     assert _spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert _pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
     assert np.isnan(_spearman(np.ones(4), y[:4]))
+
+
+def test_qc_csv_merges_with_images_parquet_on_the_image_id(tmp_path):
+    """A hand-made qc.csv (old column names, a measured value that disagrees, an image missing
+    from images.parquet) joined to images.parquet: every cell checked."""
+    root = write_result(tmp_path / "run", n_images=2, keep_maps=0, units=0, qc=False, history=False)
+    images = pd.DataFrame(
+        {
+            "image": ["a", "b", "c", "d"],
+            "dice": [0.91, 0.40, 0.75, 0.66],
+            "mean_sa": [0.80, 0.30, 0.70, 0.60],
+            "mean_sa_pred": [0.85, 0.35, 0.72, 0.61],
+            "input_sa": [0.50, 0.20, 0.45, 0.44],
+            "input_sa_pred": [0.55, 0.25, 0.47, 0.43],
+            "reason": ["", "", "", ""],
+            "group": ["clean", "blur", "clean", "blur"],
+            "severity": [0.0, 0.5, 0.0, 1.0],
+        }
+    )
+    images.to_parquet(root / "images.parquet", index=False)
+    # the gate's table as segability wrote it before input_sa_pred was named so: "input_sa" holds
+    # the label-free value (input_sa_source "prediction"); qc has its own stale Dice/group copies
+    qc = pd.DataFrame(
+        {
+            "image": ["b", "a", "z"],
+            "mean_sa_pred": [0.35, 0.85, 0.20],
+            "input_sa": [0.25, 0.55, 0.10],
+            "input_sa_source": ["prediction", "prediction", "prediction"],
+            "estimated_dice": [0.38, 0.83, 0.15],
+            "lower": [0.20, 0.70, 0.0],
+            "upper": [0.56, 0.96, 0.33],
+            "flag": [True, False, True],
+            "reason": ["low feature SA", "", "empty prediction"],
+            "dice": [np.nan, np.nan, 0.1],
+            "group": [np.nan, np.nan, "noise"],
+        }
+    )
+    qc.to_csv(root / "qc.csv", index=False)
+    table, estimate, flag = quality_table(read_result_folder(root))
+    assert (estimate, flag) == ("estimated_dice", "flag")
+    # flagged first (worst estimate first), then the rest; c and d are not in qc.csv: not listed
+    assert table["image"].tolist() == ["z", "b", "a"]
+    row = table.set_index("image")
+    # measured values from images.parquet, qc.csv filling only where images.parquet has none
+    assert (
+        row.loc["b", "dice"] == 0.40
+        and row.loc["a", "dice"] == 0.91
+        and row.loc["z", "dice"] == 0.1
+    )
+    assert row.loc[["b", "a", "z"], "group"].tolist() == ["blur", "clean", "noise"]
+    assert row.loc["b", "severity"] == 0.5 and np.isnan(row.loc["z", "severity"])
+    assert row.loc[["b", "a"], "mean_sa"].tolist() == [0.30, 0.80]
+    # the old "input_sa" of qc.csv is the label-free input SA; images.parquet's input_sa stays
+    assert row.loc[["b", "a", "z"], "input_sa_pred"].tolist() == [0.25, 0.55, 0.10]
+    assert row.loc["b", "input_sa"] == 0.20 and np.isnan(row.loc["z", "input_sa"])
+    # gate values from qc.csv
+    assert row.loc[["b", "a", "z"], "estimated_dice"].tolist() == [0.38, 0.83, 0.15]
+    assert row.loc[["b", "a", "z"], "flag_reason"].fillna("").tolist() == [
+        "low feature SA",
+        "",
+        "empty prediction",
+    ]
+    assert "gate_mean_sa_pred" not in table.columns  # the gate's mean SA is images.parquet's
+    columns = quality_columns(table, estimate, flag, ["group", "severity"])
+    assert columns == [
+        "group",
+        "severity",
+        "estimated_dice",
+        "interval",
+        "flag",
+        "flag_reason",
+        "mean_sa_pred",
+        "input_sa_pred",
+        "mean_sa",
+        "input_sa",
+        "dice",
+    ]
+    page = build_report(root).read_text(encoding="utf-8")
+    t = Tables(page)
+    assert t.tables["table-quality"]["headers"] == [
+        "image",
+        "group",
+        "severity",
+        "estimated Dice",
+        "interval",
+        "flag",
+        "flag reason",
+        "mean SA (vs prediction)",
+        "input SA (vs prediction)",
+        "mean SA (vs label)",
+        "input SA (vs label)",
+        "Dice",
+    ]
+    cells = {
+        h: t.column("table-quality", h, text=True) for h in t.tables["table-quality"]["headers"]
+    }
+    assert cells["image"] == ["z", "b", "a"]
+    assert cells["Dice"] == ["0.100", "0.400", "0.910"]
+    assert cells["interval"] == ["0.000–0.330", "0.200–0.560", "0.700–0.960"]
+    assert cells["input SA (vs prediction)"] == ["0.100", "0.250", "0.550"]
+    assert cells["input SA (vs label)"] == ["—", "0.200", "0.500"]
+    assert cells["group"] == ["noise", "blur", "clean"]
+    assert cells["severity"] == ["—", "0.5", "0"] or cells["severity"] == ["—", "0.500", "0.000"]
+    assert cells["flag"] == ["flagged", "flagged", "pass"]
+    assert t.tables["table-quality"]["classes"] == ["flagged", "flagged", None]
+    assert "input_sa_source" not in page and "2 other image(s) of images.parquet" in page
+    # the new name is read as it is; a gate mean SA over other layers is kept apart
+    qc = qc.rename(columns={"input_sa": "input_sa_pred"}).drop(columns="input_sa_source")
+    qc["mean_sa_pred"] = [0.30, 0.85, 0.20]
+    qc.to_csv(root / "qc.csv", index=False)
+    table, _, _ = quality_table(read_result_folder(root))
+    row = table.set_index("image")
+    assert row.loc[["b", "a", "z"], "input_sa_pred"].tolist() == [0.25, 0.55, 0.10]
+    assert row.loc[["b", "a"], "mean_sa_pred"].tolist() == [0.35, 0.85]
+    assert row.loc[["b", "a"], "gate_mean_sa_pred"].tolist() == [0.30, 0.85]
 
 
 def test_quality_table_without_qc_ranks_by_mean_sa_pred(tmp_path):
@@ -354,7 +542,7 @@ def test_map_captions_give_each_layer_sa_of_that_image(full):
     layers = pd.read_parquet(root / "layers.parquet").set_index(["image", "layer"])
     maps = section(page, "maps")
     image_id = "case_001"
-    block = maps.split("<code>case_001</code>", 1)[1].split("<h3>", 1)[0]
+    block = maps.split("<code>case_001</code>", 1)[1].split("<h3>", 1)[0].replace("<wbr>", "")
     for name in ("encoder.0", "bottleneck", "upcat_3"):
         sa, sa_pred = layers.loc[(image_id, name), ["sa", "sa_pred"]]
         assert (
@@ -510,7 +698,7 @@ def test_pick_slice_by_hand():
 
 def test_slice_view_resizes_a_coarser_map_by_nearest_neighbour():
     image = np.zeros((1, 4, 4, 2))
-    view = SliceView(image, None, slice_index=1)
+    view = SliceView(image, None, slice_index=1, side=4)
     coarse = np.array(
         [[[0, 1], [1, 0]], [[0, 0], [0, 1]]]
     )  # (2, 2, 2): slice 1 is [[1, 0], [0, 1]]
@@ -539,25 +727,6 @@ def test_blend_matches_monai_blend_images(cmap, alpha_kind, spatial):
         cmap=cmap,
     )
     np.testing.assert_allclose(blend(image, label, alpha=alpha, cmap=cmap), want, atol=1e-6)
-
-
-def test_layer_roles_from_names():
-    basic_unet = ["conv_0", "down_1", "down_4", "upcat_4", "upcat_1", "final_conv"]
-    assert layer_roles(basic_unet) == {
-        "conv_0": None,
-        "down_1": "encoder",
-        "down_4": "encoder",
-        "upcat_4": "decoder",
-        "upcat_1": "decoder",
-        "final_conv": None,
-    }
-    assert set(layer_roles(["model.0.conv", "model.1.submodule.2.conv"]).values()) == {None}
-    assert layer_roles(["encoder.layers.2", "decoderBlock3", "UpSample1", "encoder.up"]) == {
-        "encoder.layers.2": "encoder",
-        "decoderBlock3": "decoder",
-        "UpSample1": "decoder",
-        "encoder.up": None,
-    }
 
 
 def test_unit_matrix_sorts_within_layers_and_pads_with_nan():
@@ -633,3 +802,232 @@ def test_size_of_a_50_image_20_layer_run(tmp_path):
     assert section(page, "maps").count("<img ") == 4 * (3 + 20)  # max_images=4, not all 50
     assert section(page, "quality").count('class="thumb"') == 50
     assert size < 5e6, f"{size / 1e6:.2f} MB"
+
+
+# ----------------------------------------------------------------------------- which images
+
+
+def test_findings_say_which_images_and_the_chart_of_that_subset_is_drawn(tmp_path):
+    root = write_result(
+        tmp_path / "run",
+        n_images=6,
+        keep_maps=0,
+        units=0,
+        findings=[
+            {"text": "Shifted images segment worse.", "images": {"group": ["shifted"]}},
+            {"text": "Over every image, SA tracks Dice.", "images": "all"},
+            "No subset named.",
+        ],
+    )
+    images = pd.read_parquet(root / "images.parquet")
+    layers = pd.read_parquet(root / "layers.parquet")
+    shifted = images.loc[images["group"] == "shifted", "image"].tolist()
+    assert 0 < len(shifted) < len(images)
+    page = build_report(root).read_text(encoding="utf-8")
+    findings = section(page, "findings")
+    assert (
+        f'Shifted images segment worse.<span class="scope"> — over {len(shifted)} images (group shifted)'
+        in findings
+    )
+    assert f"— over {len(images)} images (all 2 groups: clean 4, shifted 2)" in findings
+    assert "<li>No subset named.</li>" in findings
+    layers_html = section(page, "sa-layers")
+    assert layers_html.count("<img ") == 2  # the subset the findings quote, then every image
+    assert f"the mean SA over these {len(shifted)} images" in layers_html
+    assert f"mean SA over {len(images)} images (all 2 groups" in layers_html
+    t = Tables(page)
+    order = t.column("table-layers", "layer", text=True)
+    sub = (
+        layers[layers["image"].isin(shifted)].groupby("layer")[["sa", "sa_pred"]].mean().loc[order]
+    )
+    everyone = layers.groupby("layer")[["sa", "sa_pred"]].mean().loc[order]
+    for header, want in (
+        ("SA (group shifted)", sub["sa"]),
+        ("SA pred (group shifted)", sub["sa_pred"]),
+        ("SA", everyone["sa"]),
+    ):
+        np.testing.assert_allclose(
+            np.array(t.column("table-layers", header), float), want, rtol=1e-12
+        )
+
+
+def test_describe_images_counts_groups():
+    df = pd.DataFrame({"image": list("abcde"), "group": ["x", "y", "y", "z", "x"]})
+    assert describe_images(["b", "c"], df) == "2 images (group y)"
+    assert describe_images(["a", "b"], df) == "2 images (2 of 3 groups: x 1, y 1)"
+    assert describe_images(list("abcde"), df) == "5 images (all 3 groups: x 2, y 2, z 1)"
+    assert describe_images(["a"], df.drop(columns="group")) == "1 image of 5"
+
+
+def test_findings_selectors_are_validated():
+    assert parse_findings([{"text": "t", "images": {"severity": [0.5, 1]}}])[0].images == {
+        "severity": ("0.5", "1")
+    }
+    for bad in ([{"text": "t", "images": []}], [{"images": {"g": "x"}}], [3], "text"):
+        with pytest.raises(ValueError, match="findings"):
+            parse_findings(bad)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_failed_files_are_listed_with_their_errors(full):
+    _, page = full
+    t = Tables(page)
+    assert t.tables["table-failed"]["headers"] == ["file", "error"]
+    assert t.column("table-failed", "file", text=True) == [f for f, _ in FAILED]
+    assert t.column("table-failed", "error", text=True) == [e for _, e in FAILED]
+    assert "&lt;b&gt;odd&lt;/b&gt;" in section(page, "failed")
+    assert '<li><span class="k">failed</span> <span class="v">2</span></li>' in page
+
+
+@pytest.mark.parametrize("tables", ["absent", "empty"])
+def test_a_run_where_every_image_failed_says_so(tmp_path, tables):
+    root = tmp_path / "run"
+    root.mkdir()
+    pd.DataFrame(
+        {
+            "file": ["a.nii.gz", "b.nii.gz"],
+            "error": ["OSError: truncated", "ValueError: 2 channels"],
+            "extra": ["x", "y"],
+        }
+    ).to_csv(root / "errors.csv", index=False)
+    (root / "shards").mkdir()  # a finished batch run keeps its shards
+    if tables == "empty":
+        pd.DataFrame({c: pd.Series(dtype=str) for c in ("image", "layer")}).assign(
+            depth=pd.Series(dtype=int), sa=pd.Series(dtype=float), sa_pred=pd.Series(dtype=float)
+        ).to_parquet(root / "layers.parquet", index=False)
+        pd.DataFrame({"image": pd.Series(dtype=str)}).to_parquet(
+            root / "images.parquet", index=False
+        )
+        (root / "settings.json").write_text(json.dumps({"model": "m.pt", "n_failed": 2}))
+    page = build_report(root).read_text(encoding="utf-8")
+    assert re.findall(r'<a href="#([^"]+)">', page)[:2] == ["no-result", "failed"]
+    assert "Every image of this run failed: 2 file(s)" in section(page, "no-result")
+    t = Tables(page)
+    assert t.column("table-failed", "file", text=True) == ["a.nii.gz", "b.nii.gz"]
+    assert t.column("table-failed", "error", text=True) == [
+        "OSError: truncated",
+        "ValueError: 2 channels",
+    ]
+    assert t.column("table-failed", "extra", text=True) == ["x", "y"]
+    assert "<img" not in page
+
+
+def test_an_unmerged_run_is_an_incomplete_run_error(tmp_path):
+    root = write_result(tmp_path / "run", n_images=2, keep_maps=0, units=0)
+    (root / "shards").mkdir()
+    (root / "images.parquet").unlink()
+    with pytest.raises(
+        IncompleteRunError,
+        match=r"incomplete run \(shards/ is there but images.parquet is not\).*resume",
+    ):
+        build_report(root)
+    assert issubclass(IncompleteRunError, ValueError)
+    (root / "layers.parquet").unlink()
+    with pytest.raises(IncompleteRunError, match="layers.parquet"):
+        build_report(root)
+    (root / "shards").rmdir()
+    with pytest.raises(FileNotFoundError, match="layers.parquet"):
+        build_report(root)
+    root = write_result(tmp_path / "run2", n_images=2, keep_maps=0, units=0)
+    (root / "images.parquet").unlink()
+    with pytest.raises(IncompleteRunError, match="images.parquet is missing"):
+        build_report(root)
+
+
+# ----------------------------------------------------------------------------- legibility
+
+
+def _overlaps(fig, legend_of) -> bool:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = legend_of(ax)
+    assert legend is not None
+    box = legend.get_window_extent(renderer)
+    inside_figure = fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 0.5
+    return box.overlaps(ax.get_window_extent(renderer)) or not inside_figure
+
+
+def test_legends_sit_outside_the_data(full):
+    root, _ = full
+    folder = read_result_folder(root)
+    from segability.report.data import layer_summary
+
+    summary = layer_summary(folder.layers)
+    roles = layer_roles(summary["layer"])
+    figs = [
+        sa_per_layer_chart(summary, roles, ["sa", "sa_pred"], "Mean over all 6 images"),
+        quality_scatter_chart(folder.images, "mean_sa_pred", "dice", "group", "x", "y"),
+        history_chart(folder.history, summary["layer"].tolist()),
+    ]
+    for fig in figs:
+        assert not _overlaps(fig, lambda ax: ax.get_legend())
+
+
+def test_short_labels_keep_the_distinguishing_tail_or_number():
+    names = [
+        "encoder.stages.2.convs.0.conv",
+        "encoder.stages.3.convs.0.conv",
+        "encoder.stages.3.convs.1.conv",
+    ]
+    labels, lossy = short_labels(names, 22)
+    assert labels == ["encoder…2.convs.0.conv", "encoder…3.convs.0.conv", "encoder…1.conv"]
+    assert not lossy and all(len(x) <= 22 for x in labels)
+    monai = [
+        "model.1.submodule.0.conv",
+        "model.1.submodule.1.submodule.0.conv",
+        "model.1.submodule.1.submodule.1.submodule.0.conv",
+    ]
+    assert layer_labels(monai, ["input", *monai], 20) == [
+        "1 " + short_labels(monai, 20)[0][0],
+        "2 " + short_labels(monai, 20)[0][1],
+        "3 " + short_labels(monai, 20)[0][2],
+    ]
+    assert short_labels(["a", "b"], 4) == (["a", "b"], False)
+
+
+def test_map_thumbnails_are_large_and_zoomed_on_a_small_lesion(tmp_path):
+    root = write_result(
+        tmp_path / "run", n_images=3, n_layers=3, spatial=(96, 96), lesion_scale=0.2, units=0
+    )
+    page = build_report(root).read_text(encoding="utf-8")
+    maps = section(page, "maps")
+    sizes = []
+    for src in re.findall(r'<img src="data:image/png;base64,([^"]+)"', maps):
+        with Image.open(io.BytesIO(base64.b64decode(src))) as img:
+            sizes.append(img.size)
+    assert len(sizes) == 3 * (3 + 3) and all(max(s) >= 192 for s in sizes)
+    with np.load(root / "maps.npz") as npz:
+        label = npz["0:label"] > 0
+        pred = npz["0:prediction"] >= 0.5
+    r0, r1, c0, c1 = focus_box(label | pred)
+    assert (r1 - r0, c1 - c0) == (48, 48)  # the minimum part around a small lesion
+    assert f"rows {r0}–{r1 - 1}, columns {c0}–{c1 - 1} of 96×96" in maps
+    # the crop holds the whole lesion
+    assert label[r0:r1, c0:c1].sum() == label.sum() and pred[r0:r1, c0:c1].sum() == pred.sum()
+
+
+def test_focus_box_by_hand():
+    m = np.zeros((200, 100), bool)
+    m[10:20, 95:100] = True  # 10 rows, at the right border
+    assert focus_box(m) == (0, 48, 52, 100)  # 48 x 48, shifted inside the image
+    m[:] = False
+    m[50:90, 20:30] = True  # 40 rows: the part (120) would exceed half the image (100)
+    assert focus_box(m) is None
+    assert focus_box(np.zeros((10, 10), bool)) is None
+
+
+def test_empty_cases_are_not_picked_as_examples(tmp_path):
+    root = write_result(
+        tmp_path / "run", n_images=4, n_layers=3, keep_maps=3, units=0, empty_first=True
+    )
+    with np.load(root / "maps.npz") as npz:
+        assert not npz["0:label"].any() and not (npz["0:prediction"] >= 0.5).any()
+    page = build_report(root, max_images=4).read_text(encoding="utf-8")
+    maps = section(page, "maps")
+    assert re.findall(r"<h3>Image <code>([^<]+)</code></h3>", maps) == ["case_001", "case_002"]
+    assert "1 kept image(s) with an empty label and an empty prediction are not shown" in maps
+    page = build_report(root, images=["case_000"]).read_text(encoding="utf-8")  # asked for: shown
+    assert re.findall(r"<h3>Image <code>([^<]+)</code></h3>", section(page, "maps")) == ["case_000"]

@@ -304,6 +304,23 @@ def test_layer_table_sorts_text_naturally(page):
     assert depths == list(range(len(depths)))
 
 
+def test_layer_maps_are_large_and_their_names_whole(page):
+    """Every layer map is shown at >= 192 px on its long side, and no caption is clipped: the
+    whole layer name is on the page (wrapped at dots), never cut with an ellipsis."""
+    boxes = page.js(
+        """Array.from(document.querySelectorAll('#maps figure.map')).map(f => {
+            const img = f.querySelector('img'), name = f.querySelector('.name');
+            return [img.getBoundingClientRect().width, img.getBoundingClientRect().height,
+                    name.scrollWidth - name.clientWidth, name.title, name.textContent];
+        })"""
+    )
+    assert len(boxes) == 3 * (3 + 8)
+    for width, height, overflow, title, text in boxes:
+        assert max(width, height) >= 192
+        assert overflow <= 0
+        assert text.strip().endswith(title)  # "<depth> <name>" or the panel's own name
+
+
 def test_malicious_strings_show_as_text_and_run_nothing(page):
     text = page.js("document.body.innerText")
     for s in (MALICIOUS_IMAGE, MALICIOUS_LAYER, MALICIOUS_SETTING):

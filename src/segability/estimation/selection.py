@@ -18,18 +18,44 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["INPUT_LAYER", "mean_sa", "select_layers", "decoder_layers", "layer_spearman"]
+__all__ = [
+    "INPUT_LAYER",
+    "Role",
+    "mean_sa",
+    "select_layers",
+    "decoder_layers",
+    "layer_roles",
+    "layer_spearman",
+]
 
 INPUT_LAYER = "input"
 
 SelectHow = Literal["all", "decoder", "calibrated"]
 
-# Letter runs of a layer name that mark the decoder / expanding path: "decoder4", "up_layers.0",
-# "upcat_2", "UpBlock", "upsample", "deconv", "dec1", "decode_head", "expand".
-_DECODER_TOKEN = re.compile(r"^(?:up|dec|expan)")
+Role = Literal["encoder", "decoder", "bottleneck"]
+
+# Words of a layer name (split at dots, underscores and case changes, trailing digits dropped,
+# lower-cased) that say which path it is on: "encoder.3", "down_1", "decoderBlock3", "UpSample1",
+# "upcat_2", "up_layers.0", "deconv", "decode_head", "bottleneck".
+_ROLE_WORDS: dict[str, Role] = {
+    **dict.fromkeys(
+        ("encoder", "encoders", "encode", "enc", "down", "downs", "downsample", "downsampling",
+         "contract", "contracting", "contraction"),
+        "encoder",
+    ),
+    **dict.fromkeys(
+        ("decoder", "decoders", "decode", "dec", "up", "ups", "upsample", "upsampling", "upcat",
+         "upconv", "deconv", "expand", "expanding", "expansion", "expansive"),
+        "decoder",
+    ),
+    **dict.fromkeys(("bottleneck", "bottom", "bridge"), "bottleneck"),
+}  # fmt: skip
+_WORD_SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z])(?=[A-Z])")
 # MONAI UNet: nested ``SkipConnection(Sequential(down, inner, up))`` named ``model.<i>`` at the top
-# and ``submodule.<i>`` below; the last such index tells the path (0 down, 1 inner, 2 up).
+# and ``submodule.<i>`` below; the last such index tells the path (0 down, 2 up, 1 the innermost
+# skip connection, whose ``submodule`` is the bottom block).
 _MONAI_UNET_STEP = re.compile(r"(?:^|\.)(?:model|submodule)\.(\d+)(?=\.|$)")
+_MONAI_UNET_ROLE: dict[str, Role] = {"0": "encoder", "1": "bottleneck", "2": "decoder"}
 
 
 def _require_columns(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
@@ -112,18 +138,73 @@ def mean_sa(
     return out
 
 
+def _layer_names(layers: pd.DataFrame | Sequence[str], name: str = "layers") -> list[str]:
+    """Layer names in forward order from a layers table, or the given names as strings."""
+    if isinstance(layers, pd.DataFrame):
+        _require_columns(layers, ["layer"], name)
+        return _layer_order(layers)
+    if isinstance(layers, str):
+        raise ValueError(f"{name} must be a layers table or a sequence of layer names, got a string")
+    return list(dict.fromkeys(str(n) for n in layers))
+
+
+def _role_by_words(name: str) -> Role | None:
+    words = (w.rstrip("0123456789").lower() for w in _WORD_SPLIT.split(name))
+    roles = {_ROLE_WORDS[w] for w in words if w in _ROLE_WORDS}
+    return roles.pop() if len(roles) == 1 else None  # words of two paths ("encoder.up"): unknown
+
+
+def layer_roles(layers: pd.DataFrame | Sequence[str]) -> dict[str, Role | None]:
+    """Which path of an encoder-decoder network each layer is on, when its name tells.
+
+    The one rule for layer roles in segability (:func:`decoder_layers`, the report's shading and
+    its table use it). The first of two rules that gives any layer a role decides for all:
+
+    1. the words of the name (split at dots, underscores, other non-alphanumerics and case
+       changes; trailing digits dropped): ``encoder``/``enc``/``down``/``downsample``/
+       ``contracting``... mark the encoder, ``decoder``/``dec``/``up``/``upcat``/``upsample``/
+       ``deconv``/``expanding``... the decoder, ``bottleneck``/``bottom``/``bridge`` the
+       bottleneck. A name with words of two roles (``encoder.up``) gets ``None``;
+    2. MONAI ``UNet`` names, when every name has ``model.<i>``/``submodule.<i>`` steps: the last
+       step's index is 0 in a down block (encoder), 2 in an up block (decoder) and 1 inside the
+       innermost skip connection, the bottom block (bottleneck).
+
+    Otherwise, and always for the ``"input"`` pseudo-layer, the role is ``None``: the names do
+    not tell.
+
+    Args:
+        layers: a ``layers`` table (names in forward order from ``depth``) or layer names.
+
+    Returns:
+        ``{name: "encoder" | "decoder" | "bottleneck" | None}`` in forward order.
+
+    Raises:
+        ValueError: ``layers`` is a string, or a table without a ``layer`` column.
+
+    Example:
+        >>> layer_roles(["down_1.conv", "bottleneck", "upcat_4", "head"])
+        {'down_1.conv': 'encoder', 'bottleneck': 'bottleneck', 'upcat_4': 'decoder', 'head': None}
+        >>> layer_roles(["input", "model.0.conv", "model.1.submodule.conv", "model.2.conv"])
+        {'input': None, 'model.0.conv': 'encoder', 'model.1.submodule.conv': 'bottleneck', 'model.2.conv': 'decoder'}
+        >>> layer_roles(["block1", "block2"])
+        {'block1': None, 'block2': None}
+    """
+    names = _layer_names(layers)
+    hidden = [n for n in names if n != INPUT_LAYER]
+    roles: dict[str, Role | None] = {n: _role_by_words(n) for n in hidden}
+    if not any(roles.values()):
+        steps = [_MONAI_UNET_STEP.findall(n) for n in hidden]
+        if steps and all(steps):
+            roles = {n: _MONAI_UNET_ROLE.get(s[-1]) for n, s in zip(hidden, steps, strict=True)}
+    return {n: None if n == INPUT_LAYER else roles[n] for n in names}
+
+
 def decoder_layers(layers: pd.DataFrame | Sequence[str]) -> list[str]:
-    """The decoder (expanding path) layers, from names or, failing that, forward order.
+    """The decoder (expanding path) layers: those :func:`layer_roles` calls ``"decoder"``.
 
-    Three rules, the first that finds any layer wins:
-
-    1. a letter run of the name (lower-cased, split at every non-letter) starts with ``up``,
-       ``dec`` or ``expan``: ``decoder3``, ``up_layers.1``, ``upcat_2``, ``UpBlock``,
-       ``upsample``, ``deconv``, ``dec1``, ``decode_head``;
-    2. MONAI ``UNet`` names (``model.1.submodule.1.submodule.2.conv``): the last ``model.<i>`` /
-       ``submodule.<i>`` step has ``i == 2`` (the up block of that level);
-    3. otherwise the second half of the forward (``depth``) order: the last ``n // 2`` layers (at
-       least one), so the middle layer of an odd count, usually the bottleneck, is left out.
+    When no layer's role is ``"decoder"`` (the names do not tell), the second half of the forward
+    (``depth``) order stands in: the last ``n // 2`` layers (at least one), so the middle layer of
+    an odd count, usually the bottleneck, is left out.
 
     Args:
         layers: the ``layers`` table (forward order from ``depth``) or layer names in forward order.
@@ -131,6 +212,9 @@ def decoder_layers(layers: pd.DataFrame | Sequence[str]) -> list[str]:
 
     Returns:
         Decoder layer names in forward order.
+
+    Raises:
+        ValueError: no layer besides the input, or ``layers`` is a string.
 
     Example:
         >>> decoder_layers(["enc1", "enc2", "bottleneck", "decoder2", "decoder1"])
@@ -141,25 +225,13 @@ def decoder_layers(layers: pd.DataFrame | Sequence[str]) -> list[str]:
         >>> decoder_layers(["b1", "b2", "b3", "b4", "b5"])
         ['b4', 'b5']
     """
-    if isinstance(layers, pd.DataFrame):
-        _require_columns(layers, ["layer"], "layers")
-        names = _layer_order(layers)
-    elif isinstance(layers, str):
-        raise ValueError("layers must be a layers table or a sequence of layer names, got a string")
-    else:
-        names = [str(n) for n in layers]
-    names = [n for n in names if n != INPUT_LAYER]
+    roles = layer_roles(layers)
+    names = [n for n in roles if n != INPUT_LAYER]
     if not names:
         raise ValueError("layers: no layer besides the input")
-
-    by_word = [n for n in names if any(_DECODER_TOKEN.match(t) for t in re.split(r"[^a-z]+", n.lower()) if t)]
-    if by_word:
-        return by_word
-
-    steps = [_MONAI_UNET_STEP.findall(n) for n in names]
-    if all(steps) and any(s[-1] == "2" for s in steps):
-        return [n for n, s in zip(names, steps, strict=True) if s[-1] == "2"]
-
+    decoder = [n for n in names if roles[n] == "decoder"]
+    if decoder:
+        return decoder
     half = max(1, len(names) // 2)
     return names[-half:]
 
@@ -239,7 +311,8 @@ def select_layers(
     """Choose the layers whose mean SA estimates output quality.
 
     - ``"all"``: every analysed layer except the input, as in the paper.
-    - ``"decoder"``: the decoder layers, by name or forward order (see :func:`decoder_layers`).
+    - ``"decoder"``: the decoder layers (:func:`layer_roles`; else the second half of the forward
+      order, see :func:`decoder_layers`).
     - ``"calibrated"``: on a labelled calibration set, the layers whose ``column`` best follows the
       true Dice (Spearman over images), best first. With ``k`` the top ``k``; without, ``k`` is
       chosen by ``folds``-fold cross-validation over images: for each fold the layers are ranked on

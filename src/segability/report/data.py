@@ -1,27 +1,35 @@
 """Reading a result folder for the report, and the tables the report's views are made of.
 
 The report is a shell over the files of a result folder (see ``docs/architecture.md``, "The result
-folder"); this module reads them with pandas/NumPy only, so a report can be built from a folder
-without importing torch. Optional files may be absent: their fields are then ``None``.
+folder"); this module reads them with pandas/NumPy. Optional files may be absent: their fields are
+then ``None``. Layer roles (encoder/decoder) come from the estimation layer's one rule,
+:func:`segability.estimation.selection.layer_roles`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from segability.estimation.selection import Role, layer_roles
+
 __all__ = [
     "ResultFolder",
+    "IncompleteRunError",
+    "Finding",
     "read_result_folder",
+    "parse_findings",
+    "select_images",
+    "describe_images",
     "layer_order",
     "layer_roles",
+    "Role",
     "layer_summary",
     "unit_means",
     "quality_table",
@@ -55,33 +63,32 @@ ESTIMATE_COLUMNS = (
 FLAG_COLUMNS = ("flag", "flagged", "gate", "status")
 _FLAG_TRUE = {"true", "yes", "1", "flag", "flagged", "fail", "failed", "reject", "review"}
 
-Role = Literal["encoder", "decoder"]
-_ENCODER_WORDS = {
-    "encoder",
-    "enc",
-    "encoders",
-    "down",
-    "downs",
-    "downsample",
-    "downsampling",
-    "contract",
-    "contracting",
-    "contraction",
-}
-_DECODER_WORDS = {
-    "decoder",
-    "dec",
-    "decoders",
-    "up",
-    "ups",
-    "upsample",
-    "upsampling",
-    "upcat",
-    "upconv",
-    "expand",
-    "expanding",
-    "expansion",
-}
+# qc.csv columns that are the gate's own (qc.csv wins over images.parquet for these); every other
+# column both tables have is a measured value, taken from images.parquet.
+GATE_COLUMNS = (*ESTIMATE_COLUMNS, *FLAG_COLUMNS, "lower", "upper", "flag_reason")
+# qc.csv columns for the gate's bookkeeping, not shown in the report.
+INTERNAL_QC_COLUMNS = ("input_sa_source",)
+ERRORS_FILE = "errors.csv"
+SHARD_DIR = "shards"
+
+
+class IncompleteRunError(ValueError):
+    """A result folder whose run has not finished merging its tables (resume the run)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A statement of "What this run shows" and the images it is about.
+
+    Attributes:
+        text: the statement.
+        images: which rows of ``images.parquet`` the statement's numbers come from, as
+            ``{column: (value, ...)}`` (values compared as text; ``{}``: every image), or None
+            when the statement does not say (then the report claims nothing about it).
+    """
+
+    text: str
+    images: dict[str, tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -99,6 +106,7 @@ class ResultFolder:
         history: ``history.csv`` or None.
         timing: ``timing.json`` or None.
         findings: statements of ``findings.json`` (empty when absent).
+        errors: ``errors.csv`` (one row per failed file: ``file``, ``error``, ...) or None.
     """
 
     root: Path
@@ -110,12 +118,18 @@ class ResultFolder:
     qc: pd.DataFrame | None = None
     history: pd.DataFrame | None = None
     timing: dict[str, Any] | None = None
-    findings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    errors: pd.DataFrame | None = None
 
     @property
     def has_labels(self) -> bool:
         """True when at least one layer score was computed against a label."""
         return bool(self.layers["sa"].notna().any())
+
+    @property
+    def analysed(self) -> bool:
+        """True when at least one image was analysed (``layers.parquet`` has rows)."""
+        return len(self.layers) > 0
 
     @property
     def metadata_columns(self) -> list[str]:
@@ -136,34 +150,142 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path.name} is not valid JSON: {err}") from err
 
 
-def parse_findings(value: Any, source: str = "findings") -> list[str]:
-    """Validate findings: a list of strings, or ``{"findings": [...]}``.
+def _selector(value: Any, source: str) -> dict[str, tuple[str, ...]] | None:
+    if value is None:
+        return None
+    if value == "all":
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise ValueError(
+            f'{source}: "images" must be "all" or an object {{column: [values]}}, got {value!r}'
+        )
+    out = {}
+    for column, values in value.items():
+        if isinstance(values, (str, int, float, bool)):
+            values = [values]
+        if not isinstance(values, Sequence) or not values:
+            raise ValueError(
+                f"{source}: images[{column!r}] must be a value or a non-empty list of values"
+            )
+        out[str(column)] = tuple(str(v) for v in values)
+    return out
+
+
+def parse_findings(value: Any, source: str = "findings") -> list[Finding]:
+    """Validate findings: a list of statements, or ``{"findings": [...]}``.
+
+    A statement is a string, or ``{"text": "...", "images": {column: [values]}}`` naming the rows of
+    ``images.parquet`` its numbers come from (e.g. ``{"group": ["clean"]}``; ``"all"`` for every
+    image). The report then says over how many images each statement holds and draws the charts
+    of those images too.
+
+    Raises:
+        ValueError: not a list of statements, or a malformed ``images`` selector.
 
     Example:
-        >>> parse_findings({"findings": ["Mean SA tracks Dice (Spearman 0.81)."]})
-        ['Mean SA tracks Dice (Spearman 0.81).']
+        >>> parse_findings({"findings": ["Mean SA tracks Dice.",
+        ...                              {"text": "SA peaks late.", "images": {"group": "clean"}}]})
+        [Finding(text='Mean SA tracks Dice.', images=None), Finding(text='SA peaks late.', images={'group': ('clean',)})]
     """
     if isinstance(value, dict) and "findings" in value:
         value = value["findings"]
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ValueError(f"{source} must be a list of strings, got {type(value).__name__}")
-    bad = [v for v in value if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"{source} must be a list of strings; found {bad[:3]!r}")
-    return [v for v in value if v.strip()]
+        raise ValueError(f"{source} must be a list of statements, got {type(value).__name__}")
+    out = []
+    for item in value:
+        if isinstance(item, Finding):
+            finding = item
+        elif isinstance(item, str):
+            finding = Finding(item)
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            finding = Finding(item["text"], _selector(item.get("images"), source))
+        else:
+            raise ValueError(
+                f'{source} must be a list of strings or {{"text": ..., "images": ...}} objects; found {item!r:.80}'
+            )
+        if finding.text.strip():
+            out.append(finding)
+    return out
+
+
+def select_images(images: pd.DataFrame, selector: dict[str, tuple[str, ...]] | None) -> pd.Series:
+    """Boolean mask of the rows of ``images`` a finding's selector names (all rows for None).
+
+    Raises:
+        ValueError: the selector names a column ``images`` does not have.
+
+    Example:
+        >>> df = pd.DataFrame({"image": ["a", "b", "c"], "group": ["clean", "blur", "clean"]})
+        >>> select_images(df, {"group": ("clean",)}).tolist()
+        [True, False, True]
+    """
+    mask = pd.Series(True, index=images.index)
+    for column, values in (selector or {}).items():
+        if column not in images.columns:
+            raise ValueError(
+                f"findings: images selects by {column!r}, a column images.parquet does not have "
+                f"(it has {list(images.columns)})"
+            )
+        mask &= images[column].astype(str).isin(values)
+    return mask
+
+
+def describe_images(ids: Iterable[str], images: pd.DataFrame, group: str = "group") -> str:
+    """Which images a number is over, in words: their count and, with a ``group`` column, groups.
+
+    Example:
+        >>> df = pd.DataFrame({"image": list("abcd"), "group": ["clean", "blur", "blur", "clean"]})
+        >>> describe_images(["a", "d"], df), describe_images(list("abcd"), df)
+        ('2 images (group clean)', '4 images (all 2 groups: clean 2, blur 2)')
+    """
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    n = len(ids)
+    noun = "image" if n == 1 else "images"
+    total = images["image"].nunique() if "image" in images.columns else n
+    if group not in images.columns or n == 0:
+        return f"{n} {noun}" + (
+            " (all)" if n == total and n > 1 else f" of {total}" if n < total else ""
+        )
+    groups = images.drop_duplicates("image").set_index("image")[group].astype(str)
+    counts = groups.reindex(ids).value_counts(sort=False, dropna=False)
+    all_groups = groups.nunique()
+    if len(counts) == 1:
+        return f"{n} {noun} ({group} {counts.index[0]})"
+    listed = ", ".join(f"{g} {c}" for g, c in counts.items())
+    scope = (
+        f"all {all_groups} {group}s"
+        if len(counts) == all_groups
+        else f"{len(counts)} of {all_groups} {group}s"
+    )
+    return f"{n} {noun} ({scope}: {listed})"
+
+
+def _incomplete(root: Path, missing: str) -> IncompleteRunError:
+    shards = (root / SHARD_DIR).is_dir()
+    why = f"{SHARD_DIR}/ is there but {missing} is not" if shards else f"{missing} is missing"
+    return IncompleteRunError(
+        f"result_dir {str(root)!r} holds an incomplete run ({why}): the run stopped before its "
+        "tables were merged. Finish it with analyze(..., resume=True) (CLI: segability analyze "
+        "--resume) and build the report again."
+    )
 
 
 def read_result_folder(root: str | Path) -> ResultFolder:
     """Read a result folder (``layers.parquet``, ``images.parquet`` and the optional files).
 
+    A folder of a run in which every image failed (``errors.csv`` with empty or absent tables) is
+    read with empty tables; the report then says so and lists the failures.
+
     Args:
-        root: the folder written by ``SAResult.save``.
+        root: the folder written by ``SAResult.save`` (or a batch run).
 
     Returns:
         The folder's tables; optional files that are absent are ``None``.
 
     Raises:
-        FileNotFoundError: the folder or ``layers.parquet`` does not exist.
+        FileNotFoundError: the folder does not exist, or holds neither tables nor ``errors.csv``.
+        IncompleteRunError: (a ValueError) ``layers.parquet`` or ``images.parquet`` is missing, or
+            the tables are absent while ``shards/`` is there: the run has not been merged.
         ValueError: a file lacks a column the contract requires, or is malformed.
 
     Example:
@@ -174,20 +296,34 @@ def read_result_folder(root: str | Path) -> ResultFolder:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"result_dir {str(root)!r} is not a directory")
-    layers_path = root / "layers.parquet"
-    if not layers_path.is_file():
-        raise FileNotFoundError(f"{root} has no layers.parquet: is it a segability result folder?")
-    layers = pd.read_parquet(layers_path)
-    _require(layers, LAYER_COLUMNS, "layers.parquet")
-    layers = layers.astype({"image": str, "layer": str})
-
-    images_path = root / "images.parquet"
-    if images_path.is_file():
+    layers_path, images_path = root / "layers.parquet", root / "images.parquet"
+    errors = None
+    if (root / ERRORS_FILE).is_file():
+        errors = _read_errors(root / ERRORS_FILE)
+    if not layers_path.is_file() and not images_path.is_file():
+        if errors is None:
+            if (root / SHARD_DIR).is_dir():
+                raise _incomplete(root, "layers.parquet")
+            raise FileNotFoundError(
+                f"{root} has no layers.parquet: is it a segability result folder?"
+            )
+        layers = pd.DataFrame({c: pd.Series(dtype=object) for c in LAYER_COLUMNS})
+        images = pd.DataFrame({c: pd.Series(dtype=object) for c in STANDARD_IMAGE_COLUMNS})
+    else:
+        if not layers_path.is_file():
+            raise _incomplete(root, "layers.parquet")
+        layers = pd.read_parquet(layers_path)
+        if len(layers.columns) == 0:  # an empty table written without columns
+            layers = pd.DataFrame({c: pd.Series(dtype=object) for c in LAYER_COLUMNS})
+        _require(layers, LAYER_COLUMNS, "layers.parquet")
+        layers = layers.astype({"image": str, "layer": str})
+        if not images_path.is_file():
+            raise _incomplete(root, "images.parquet")
         images = pd.read_parquet(images_path)
+        if len(images.columns) == 0:
+            images = pd.DataFrame({c: pd.Series(dtype=object) for c in STANDARD_IMAGE_COLUMNS})
         _require(images, IMAGE_COLUMNS, "images.parquet")
         images = images.astype({"image": str})
-    else:  # rebuild the means the contract defines from layers.parquet
-        images = _images_from_layers(layers)
 
     settings: dict[str, Any] = {}
     if (root / "settings.json").is_file():
@@ -200,6 +336,8 @@ def read_result_folder(root: str | Path) -> ResultFolder:
         units = pd.read_parquet(root / "units.parquet")
         _require(units, UNIT_COLUMNS, "units.parquet")
         units = units.astype({"image": str, "layer": str})
+        if units.empty:
+            units = None
 
     qc = None
     if (root / "qc.csv").is_file():
@@ -217,7 +355,7 @@ def read_result_folder(root: str | Path) -> ResultFolder:
         if not isinstance(timing, dict):
             timing = {"timing": timing}
 
-    findings: list[str] = []
+    findings: list[Finding] = []
     if (root / "findings.json").is_file():
         findings = parse_findings(_read_json(root / "findings.json"), "findings.json")
 
@@ -233,17 +371,17 @@ def read_result_folder(root: str | Path) -> ResultFolder:
         history=history,
         timing=timing,
         findings=findings,
+        errors=errors,
     )
 
 
-def _images_from_layers(layers: pd.DataFrame) -> pd.DataFrame:
-    inner = layers[layers["layer"] != "input"].groupby("image", sort=False)
-    out = (
-        inner[["sa", "sa_pred"]].mean().rename(columns={"sa": "mean_sa", "sa_pred": "mean_sa_pred"})
-    )
-    inp = layers[layers["layer"] == "input"].set_index("image")[["sa", "sa_pred"]]
-    out = out.join(inp.rename(columns={"sa": "input_sa", "sa_pred": "input_sa_pred"}))
-    return out.reset_index()
+def _read_errors(path: Path) -> pd.DataFrame:
+    try:
+        errors = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:  # a zero-byte file: no failure recorded
+        return pd.DataFrame({"file": pd.Series(dtype=str), "error": pd.Series(dtype=str)})
+    _require(errors, ("file", "error"), ERRORS_FILE)
+    return errors
 
 
 def layer_order(layers: pd.DataFrame) -> list[str]:
@@ -257,30 +395,6 @@ def layer_order(layers: pd.DataFrame) -> list[str]:
     first = layers.drop_duplicates("layer").reset_index(drop=True)
     first = first.assign(_pos=np.arange(len(first)))
     return first.sort_values(["depth", "_pos"], kind="stable")["layer"].tolist()
-
-
-def _role(name: str) -> Role | None:
-    words = [re.sub(r"\d+$", "", w) for w in re.split(r"[^0-9a-zA-Z]+|(?<=[a-z])(?=[A-Z])", name)]
-    roles = {
-        "encoder" if w in _ENCODER_WORDS else "decoder"
-        for w in (w.lower() for w in words)
-        if w in _ENCODER_WORDS or w in _DECODER_WORDS
-    }
-    return roles.pop() if len(roles) == 1 else None
-
-
-def layer_roles(names: Iterable[str]) -> dict[str, Role | None]:
-    """Tell encoder from decoder layers by their names, when the names say it.
-
-    A name is split into words at dots, underscores and case changes, trailing digits dropped;
-    ``encoder``/``enc``/``down``... mark the encoder, ``decoder``/``dec``/``up``/``upcat``... the
-    decoder. A name with words of both kinds, or of neither, gets ``None``.
-
-    Example:
-        >>> layer_roles(["down_1.conv", "upcat_4", "model.0.conv"])
-        {'down_1.conv': 'encoder', 'upcat_4': 'decoder', 'model.0.conv': None}
-    """
-    return {n: _role(n) for n in names}
 
 
 def _iqr(x: pd.Series) -> tuple[float, float]:
@@ -344,38 +458,92 @@ def unit_means(units: pd.DataFrame, score: str) -> pd.DataFrame:
     return means.reset_index(drop=True)
 
 
-def quality_table(folder: ResultFolder) -> tuple[pd.DataFrame, str, str | None]:
-    """One row per image, sorted by estimated quality (worst first).
+def _qc_columns(qc: pd.DataFrame) -> pd.DataFrame:
+    """qc.csv with the report's column names: ``reason`` -> ``flag_reason``; the gate's input SA
+    under the name of what it was measured against (older qc.csv files call the label-free
+    ``input_sa_pred`` ``input_sa`` and say which in ``input_sa_source``)."""
+    qc = (
+        qc.drop_duplicates("image").rename(columns={"reason": "flag_reason"}).reset_index(drop=True)
+    )
+    if "input_sa" in qc.columns and "input_sa_pred" not in qc.columns:
+        source = qc.get("input_sa_source")
+        from_label = (
+            source.fillna("").astype(str).str.lower().eq("label")
+            if source is not None
+            else pd.Series(False, index=qc.index)
+        )
+        value = pd.to_numeric(qc["input_sa"], errors="coerce")
+        qc["input_sa_pred"] = value.where(~from_label)
+        qc["input_sa"] = value.where(from_label)
+    return qc.drop(columns=[c for c in INTERNAL_QC_COLUMNS if c in qc.columns])
 
-    With ``qc.csv``, its columns are joined to ``images.parquet`` on ``image`` (qc's values win;
-    its ``reason`` becomes ``flag_reason``); the estimate is the first of :data:`ESTIMATE_COLUMNS`
-    found in qc.csv, else ``mean_sa_pred``.
+
+def quality_table(folder: ResultFolder) -> tuple[pd.DataFrame, str, str | None]:
+    """The quality gate's table: one row per gated image, flagged images first, then by estimate.
+
+    With ``qc.csv``, its rows (the images the gate judged) are joined to ``images.parquet`` on
+    ``image``. A column both tables have is kept once: the gate's own values (estimate,
+    ``lower``/``upper``, flag, reason, see ``GATE_COLUMNS``) from qc.csv, measured values (Dice, SA,
+    metadata) from images.parquet, qc.csv filling only where images.parquet has no value. When
+    qc.csv's ``mean_sa_pred`` differs from images.parquet's (the gate averaged other layers), it
+    is kept as ``gate_mean_sa_pred``. qc.csv's ``reason`` becomes ``flag_reason``; the estimate is
+    the first of :data:`ESTIMATE_COLUMNS` in qc.csv. Without qc.csv every image is listed, ranked
+    by ``mean_sa_pred`` (worst first).
 
     Returns:
         The table, the name of the estimate column, and the flag column (None without one).
 
     Raises:
         ValueError: no estimate column (neither qc.csv nor ``mean_sa_pred``).
+
+    Example:
+        >>> folder = ResultFolder(Path("."), pd.DataFrame(), pd.DataFrame(
+        ...     {"image": ["a", "b"], "dice": [0.9, 0.4], "mean_sa_pred": [0.8, 0.3]}),
+        ...     qc=pd.DataFrame({"image": ["b", "a"], "estimated_dice": [0.35, 0.85],
+        ...                      "flag": [True, False], "dice": [np.nan, np.nan]}))
+        >>> quality_table(folder)[0][["image", "estimated_dice", "flag", "dice"]]
+          image  estimated_dice   flag  dice
+        0     b            0.35   True   0.4
+        1     a            0.85  False   0.9
     """
-    images = folder.images.copy()
+    images = folder.images.drop_duplicates("image").reset_index(drop=True)
     flag: str | None = None
     estimate: str | None = None
     if folder.qc is not None:
-        qc = folder.qc.rename(columns={"reason": "flag_reason"})
-        qc = qc.drop_duplicates("image")
-        shared = [c for c in qc.columns if c in images.columns and c != "image"]
-        images = images.drop(columns=shared).merge(qc, on="image", how="outer", sort=False)
+        qc = _qc_columns(folder.qc)
+        table = qc[["image"]].merge(images, on="image", how="left", sort=False)
+        for c in qc.columns:
+            if c == "image":
+                continue
+            theirs = qc[c].reset_index(drop=True)
+            if c in GATE_COLUMNS or c not in table.columns:
+                table[c] = theirs.to_numpy()
+                continue
+            ours = table[c]
+            if c == "mean_sa_pred":
+                a = pd.to_numeric(ours, errors="coerce").to_numpy(float)
+                b = pd.to_numeric(theirs, errors="coerce").to_numpy(float)
+                both = np.isfinite(a) & np.isfinite(b)
+                if not np.allclose(a[both], b[both], rtol=1e-6, atol=1e-9):
+                    table["gate_mean_sa_pred"] = b
+            table[c] = ours.where(ours.notna(), theirs.to_numpy())
         estimate = next((c for c in ESTIMATE_COLUMNS if c in qc.columns), None)
         flag = next((c for c in FLAG_COLUMNS if c in qc.columns), None)
+    else:
+        table = images.copy()
     if estimate is None:
-        if "mean_sa_pred" not in images.columns:
+        if "mean_sa_pred" not in table.columns:
             raise ValueError(
                 "no estimated quality: qc.csv has no estimate and images has no mean_sa_pred"
             )
         estimate = "mean_sa_pred"
-    images[estimate] = pd.to_numeric(images[estimate], errors="coerce")
-    images = images.sort_values(estimate, ascending=True, na_position="first", kind="stable")
-    return images.reset_index(drop=True), estimate, flag
+    table[estimate] = pd.to_numeric(table[estimate], errors="coerce")
+    keys, ascending = [estimate], [True]
+    if flag is not None:
+        table["_flagged"] = [is_flagged(v) for v in table[flag]]
+        keys, ascending = ["_flagged", estimate], [False, True]
+    table = table.sort_values(keys, ascending=ascending, na_position="first", kind="stable")
+    return table.drop(columns=["_flagged"], errors="ignore").reset_index(drop=True), estimate, flag
 
 
 def is_flagged(value: Any) -> bool:

@@ -38,6 +38,8 @@ __all__ = [
     "quality_scatter_figure",
     "history_figure",
     "shorten",
+    "short_labels",
+    "layer_labels",
 ]
 
 # Okabe-Ito: distinguishable with any colour vision deficiency.
@@ -45,6 +47,7 @@ COLORS = {
     "sa": "#0072B2",  # blue: SA against the label
     "sa_pred": "#E69F00",  # orange: SA against the network's prediction
     "encoder": "#56B4E9",
+    "bottleneck": "#999999",
     "decoder": "#CC79A7",
     "outline": "#56B4E9",
     "point": "#0072B2",
@@ -61,7 +64,10 @@ GROUP_COLORS = (
 )
 SCORE_LABELS = {"sa": "SA vs label", "sa_pred": "SA vs prediction"}
 MAP_CMAP = "cividis"  # a kept map is drawn in cividis(1.0), a light yellow
-THUMB_SIDE = 128  # largest side of a thumbnail, pixels
+THUMB_SIDE = 192  # long side of a map thumbnail, pixels (smaller images are enlarged)
+CROP_FRACTION = 0.5  # zoom in when the part around the target is at most this fraction of the image
+CROP_MARGIN = 1.0  # margin on each side of the target's box, as a fraction of its long side
+CROP_MIN_SIDE = 48  # pixels of the image shown around a target, at least
 DPI = 110
 
 _STYLE = {
@@ -127,18 +133,73 @@ def _styled(fn):
     return wrapper
 
 
+def short_labels(names: Sequence[str], width: int = 24) -> tuple[list[str], bool]:
+    """Labels of at most ``width`` characters that still tell the names apart.
+
+    A name that fits is kept. A longer one keeps its distinguishing tail: the shortest run of
+    trailing dotted parts that no other name ends with, after its first part when that fits
+    (``encoder…2.convs.0.conv``). When no such tail fits (nested names such as MONAI's
+    ``model.1.submodule.1.submodule.0.conv`` differ in the middle), the middle is cut and the
+    second value is True: the caller must number the labels and give a key.
+
+    Returns:
+        The labels, and whether any of them lost the part that tells it apart.
+
+    Example:
+        >>> short_labels(["encoder.stages.2.convs.0.conv", "encoder.stages.3.convs.0.conv", "head"], 22)
+        (['encoder…2.convs.0.conv', 'encoder…3.convs.0.conv', 'head'], False)
+        >>> short_labels(["model.1.submodule.1.submodule.0.conv", "model.1.submodule.0.conv"], 22)[1]
+        True
+    """
+    names = [str(n) for n in names]
+    labels, lossy = [], False
+    for i, name in enumerate(names):
+        if len(name) <= width:
+            labels.append(name)
+            continue
+        others = [m for j, m in enumerate(names) if j != i]
+        parts = name.split(".")
+        label = None
+        for k in range(1, len(parts)):
+            tail = ".".join(parts[-k:])
+            if any(m == tail or m.endswith("." + tail) for m in others):
+                continue
+            if k < len(parts) - 1 and len(parts[0]) + 1 + len(tail) <= width:
+                label = f"{parts[0]}…{tail}"
+            elif len(tail) + 1 <= width:
+                label = f"…{tail}"
+            break
+        if label is None:
+            label, lossy = shorten(name, width), True
+        labels.append(label)
+    return labels, lossy or len(set(labels)) < len(labels)
+
+
 def layer_labels(names: Sequence[str], order: Sequence[str], width: int = 24) -> list[str]:
-    """Short layer labels; numbered by forward position when shortening makes two alike.
+    """Short layer labels; numbered by forward position (the table's ``depth``) when shortening
+    loses what tells two names apart, so the layer table is the key.
 
     Example:
         >>> layer_labels(["a.b.c.d.e.f.1.conv", "a.b.c.x.e.f.1.conv"], ["input", "a.b.c.d.e.f.1.conv", "a.b.c.x.e.f.1.conv"], 12)
         ['1 a.b.c…1.conv', '2 a.b.c…1.conv']
+        >>> layer_labels(["enc.block.1.conv", "enc.block.2.conv"], ["enc.block.1.conv", "enc.block.2.conv"], 12)
+        ['enc…1.conv', 'enc…2.conv']
     """
-    short = [shorten(n, width) for n in names]
-    if len(set(short)) == len(short):
+    short, lossy = short_labels(names, width)
+    if not lossy:
         return short
     pos = {n: i for i, n in enumerate(order)}
     return [f"{pos[n]} {s}" if n in pos else s for n, s in zip(names, short, strict=True)]
+
+
+def labels_numbered(names: Sequence[str], width: int = 24) -> bool:
+    """Whether :func:`layer_labels` numbers these names (their short labels lose information)."""
+    return short_labels(names, width)[1]
+
+
+def _legend_outside(ax, **kwargs) -> None:
+    """A legend right of the axes, never over the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def _layer_axis(ax, names: Sequence[str], order: Sequence[str]) -> None:
@@ -158,23 +219,42 @@ def _runs(values: Sequence[object]) -> list[tuple[object, int, int]]:
     return runs
 
 
+def shaded_roles(roles: Mapping[str, str | None], names: Sequence[str]) -> bool:
+    """Whether the SA-per-layer chart shades roles: at least two roles occur among ``names``."""
+    return len({roles.get(n) for n in names if n != "input"} - {None}) >= 2
+
+
 @_styled
 def sa_per_layer_figure(
-    summary: pd.DataFrame, roles: Mapping[str, str | None], scores: Sequence[str]
+    summary: pd.DataFrame,
+    roles: Mapping[str, str | None],
+    scores: Sequence[str],
+    title: str | None = None,
 ) -> bytes:
+    """SA per layer in forward order: mean line and interquartile band per score (PNG)."""
+    return _png(sa_per_layer_chart(summary, roles, scores, title))
+
+
+@_styled
+def sa_per_layer_chart(
+    summary: pd.DataFrame,
+    roles: Mapping[str, str | None],
+    scores: Sequence[str],
+    title: str | None = None,
+) -> Figure:
     """SA per layer in forward order: mean line and interquartile band per score.
 
     Args:
         summary: :func:`segability.report.data.layer_summary` (``input`` first when present).
-        roles: layer -> "encoder"/"decoder"/None; shaded only when both roles occur.
+        roles: layer -> "encoder"/"bottleneck"/"decoder"/None; shaded when two roles occur.
         scores: which of "sa", "sa_pred" to draw.
+        title: a title over the axes (which images the means are over).
     """
     names = summary["layer"].tolist()
     x = np.arange(len(names))
-    fig = _figure(max(8.4, 0.36 * len(names) + 2.4), 4.2)
+    fig = _figure(max(9.6, 0.36 * len(names) + 3.6), 4.4)
     ax = fig.add_subplot()
-    present = {roles.get(n) for n in names} - {None}
-    if present == {"encoder", "decoder"}:
+    if shaded_roles(roles, names):
         for role, a, b in _runs([roles.get(n) for n in names]):
             if role is None:
                 continue
@@ -226,8 +306,10 @@ def sa_per_layer_figure(
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("SA (Dice)")
     ax.set_xlabel("layer, in forward order")
-    ax.legend(loc="lower right", frameon=True, framealpha=0.9)
-    return _png(fig)
+    if title:
+        ax.set_title(title, loc="left", pad=16)
+    _legend_outside(ax, frameon=False)
+    return fig
 
 
 @_styled
@@ -318,8 +400,16 @@ def unit_heatmap_figure(means: pd.DataFrame, order: Sequence[str], score: str) -
 def quality_scatter_figure(
     table: pd.DataFrame, x: str, y: str, group: str | None, xlabel: str, ylabel: str
 ) -> bytes:
+    """Scatter of a label-free estimate against the true Dice, coloured by group when given (PNG)."""
+    return _png(quality_scatter_chart(table, x, y, group, xlabel, ylabel))
+
+
+@_styled
+def quality_scatter_chart(
+    table: pd.DataFrame, x: str, y: str, group: str | None, xlabel: str, ylabel: str
+) -> Figure:
     """Scatter of a label-free estimate against the true Dice, coloured by group when given."""
-    fig = _figure(5.6, 4.4)
+    fig = _figure(7.2, 4.4)
     ax = fig.add_subplot()
     data = table[np.isfinite(table[x].astype(float)) & np.isfinite(table[y].astype(float))]
     if group is not None:
@@ -337,7 +427,7 @@ def quality_scatter_figure(
                 edgecolor="white",
             )
         if len(groups) > 1:
-            ax.legend(title=shorten(group, 20), loc="best", frameon=True, framealpha=0.9)
+            _legend_outside(ax, title=shorten(group, 20), frameon=False)
     else:
         ax.scatter(
             data[x], data[y], s=22, color=COLORS["point"], alpha=0.85, lw=0.4, edgecolor="white"
@@ -349,11 +439,17 @@ def quality_scatter_figure(
         if v.size:
             pad = max(0.03, 0.08 * float(np.ptp(v)))
             lim(max(-0.02, v.min() - pad), min(1.02, v.max() + pad))
-    return _png(fig)
+    return fig
 
 
 @_styled
 def history_figure(history: pd.DataFrame, order: Sequence[str]) -> bytes:
+    """SA over training epochs, one line per layer, coloured by forward order (viridis; PNG)."""
+    return _png(history_chart(history, order))
+
+
+@_styled
+def history_chart(history: pd.DataFrame, order: Sequence[str]) -> Figure:
     """SA over training epochs, one line per layer, coloured by forward order (viridis)."""
     h = history.groupby(["layer", "epoch"], sort=False)["sa"].mean().reset_index()
     known = [n for n in order if n in set(h["layer"])]
@@ -377,14 +473,10 @@ def history_figure(history: pd.DataFrame, order: Sequence[str]) -> bytes:
     ax.set_xlabel("epoch")
     ax.set_ylabel("SA")
     ax.set_ylim(0, 1.02)
-    ax.legend(
-        title="layer (forward order)",
-        loc="center left",
-        bbox_to_anchor=(1.01, 0.5),
-        frameon=False,
-        ncols=1 if len(names) <= 16 else 2,
+    _legend_outside(
+        ax, title="layer (forward order)", frameon=False, ncols=1 if len(names) <= 16 else 2
     )
-    return _png(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- thumbnails
@@ -497,8 +589,46 @@ GREY_LEVELS = 64  # the image is shown in 64 grey levels: overlays then fit a lo
 
 
 def _display_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
-    scale = min(1.0, side / max(shape))
+    """Scale to ``side`` pixels on the long side (shrinking or enlarging)."""
+    scale = side / max(shape)
     return (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
+
+
+def focus_box(
+    mask: np.ndarray,
+    fraction: float = CROP_FRACTION,
+    margin: float = CROP_MARGIN,
+    min_side: int = CROP_MIN_SIDE,
+) -> tuple[int, int, int, int] | None:
+    """The part of a 2D image to show around a small target: ``(row0, row1, col0, col1)``, ends
+    exclusive; None when the target is empty or the part would span more than ``fraction`` of the
+    image's long side (then the whole image is shown).
+
+    The part is a square around the target's bounding box: the box's long side plus ``margin``
+    times it on either side, at least ``min_side`` pixels, shifted to lie inside the image.
+
+    Example:
+        >>> m = np.zeros((128, 100), bool); m[40:50, 30:36] = True
+        >>> focus_box(m)
+        (21, 69, 9, 57)
+        >>> focus_box(np.ones((10, 10), bool)) is None
+        True
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    long = max(r1 - r0, c1 - c0)
+    side = max(min_side, round(long * (1 + 2 * margin)))
+    if side > fraction * max(mask.shape):
+        return None
+    box = []
+    for lo, hi, size in ((r0, r1, mask.shape[0]), (c0, c1, mask.shape[1])):
+        n = min(side, size)
+        start = min(max(0, (lo + hi - n) // 2), size - n)
+        box += [int(start), int(start + n)]
+    return tuple(box)  # type: ignore[return-value]
 
 
 @dataclass
@@ -506,26 +636,35 @@ class SliceView:
     """Shows the maps of one kept image as 2D arrays at thumbnail resolution.
 
     For a 3D image (three spatial dims) every map is cut at the same slice along its last axis
-    (scaled when a map has another size); 2D images are shown whole. Images larger than ``side``
-    are shrunk (the image by area averaging, maps by nearest neighbour), smaller ones kept as
-    they are (the page enlarges them without smoothing).
+    (scaled when a map has another size); 2D images are shown whole. With ``crop``, a small target
+    (``focus``: label or prediction; see :func:`focus_box`) is shown cropped to its box with a
+    margin (``box``). The shown part is scaled to ``side`` pixels on its long side: shrunk by area
+    averaging (the image; maps by nearest neighbour) or enlarged by nearest neighbour (pixel
+    blocks, nothing smoothed).
 
     Args:
         image: (C, *S) image; channel 0 is shown.
         reference: (*S) target mask used for the outline and to pick the slice, or None.
         slice_index: forced slice for 3D images.
-        side: largest side of the thumbnails, pixels.
+        side: long side of the thumbnails, pixels.
+        focus: (*S) mask of what must be seen (label or prediction), used to crop; default
+            ``reference``.
+        crop: crop to a small target.
 
     Example:
         >>> view = SliceView(np.zeros((1, 256, 200)), side=128)
         >>> view.shape
         (128, 100)
+        >>> SliceView(np.zeros((1, 100, 80)), side=192).shape
+        (192, 154)
     """
 
     image: np.ndarray
     reference: np.ndarray | None = None
     slice_index: int | None = None
     side: int = THUMB_SIDE
+    focus: np.ndarray | None = None
+    crop: bool = False
 
     def __post_init__(self) -> None:
         img = np.asarray(self.image, dtype=float)
@@ -535,20 +674,26 @@ class SliceView:
         self.is_3d = img.ndim == 4
         self.depth = self.spatial[-1] if self.is_3d else 1
         self.index = pick_slice(self.reference, self.depth, self.slice_index) if self.is_3d else 0
-        self.shape = _display_shape(self.spatial[:2], self.side)
-        base = self._slice(img[0])
-        finite = np.isfinite(base)
-        lo, hi = np.percentile(base[finite], [0.5, 99.5]) if finite.any() else (0.0, 0.0)
-        base = (
-            np.clip((np.where(finite, base, lo) - lo) / (hi - lo), 0, 1)
+        full = self._slice(img[0])
+        self.box: tuple[int, int, int, int] | None = None
+        focus = self.focus if self.focus is not None else self.reference
+        if self.crop and focus is not None:
+            self.box = focus_box(self._full(np.asarray(focus) > 0))
+        finite = np.isfinite(full)
+        lo, hi = np.percentile(full[finite], [0.5, 99.5]) if finite.any() else (0.0, 0.0)
+        base = self._crop(
+            np.clip((np.where(finite, full, lo) - lo) / (hi - lo), 0, 1)
             if hi > lo
-            else np.zeros_like(base)
+            else np.zeros_like(full)
         )
-        if base.shape != self.shape:  # area-like shrink of the image itself
+        self.shape = _display_shape(base.shape, self.side)
+        if base.shape[0] > self.shape[0]:  # area-like shrink of the image itself
             pil = Image.fromarray(base.astype(np.float32), "F").resize(
                 self.shape[::-1], Image.Resampling.BOX
             )
             base = np.asarray(pil, dtype=float)
+        else:
+            base = _resize_nearest(base, self.shape)
         self.base = np.round(np.clip(base, 0, 1) * (GREY_LEVELS - 1)) / (GREY_LEVELS - 1)
         self.outline = None
         if self.reference is not None:
@@ -565,9 +710,33 @@ class SliceView:
             raise ValueError(f"a map must have the image's spatial dims, got shape {a.shape}")
         return a
 
+    def _full(self, a: np.ndarray) -> np.ndarray:
+        """The slice of a (*S') array at the image's in-plane size."""
+        return _resize_nearest(self._slice(a), tuple(self.spatial[:2]))
+
+    def _crop(self, a: np.ndarray) -> np.ndarray:
+        if self.box is None:
+            return a
+        r0, r1, c0, c1 = self.box
+        return a[r0:r1, c0:c1]
+
     def cut(self, a: np.ndarray) -> np.ndarray:
-        """The 2D view of a (*S') array, resized (nearest) to the thumbnail's shape."""
-        return _resize_nearest(self._slice(a), self.shape)
+        """The 2D view of a (*S') array, cropped and resized (nearest) to the thumbnail's shape."""
+        a = self._slice(a)
+        if self.box is not None:
+            a = self._crop(_resize_nearest(a, tuple(self.spatial[:2])))
+        return _resize_nearest(a, self.shape)
+
+    def crop_note(self) -> str | None:
+        """Words for a caption when the view is cropped, else None."""
+        if self.box is None:
+            return None
+        r0, r1, c0, c1 = self.box
+        h, w = self.spatial[:2]
+        return (
+            f"zoomed to the label/prediction box with margin: rows {r0}–{r1 - 1}, "
+            f"columns {c0}–{c1 - 1} of {h}×{w}"
+        )
 
 
 def _to_png(rgb: np.ndarray) -> bytes:

@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,8 +28,11 @@ import pandas as pd
 from segability import __version__
 from segability.report import figures
 from segability.report.data import (
+    INTERNAL_QC_COLUMNS,
+    Finding,
     MapStore,
     ResultFolder,
+    describe_images,
     is_flagged,
     layer_order,
     layer_roles,
@@ -36,6 +40,7 @@ from segability.report.data import (
     parse_findings,
     quality_table,
     read_result_folder,
+    select_images,
     unit_means,
 )
 
@@ -45,8 +50,10 @@ GENERATOR = "segability report"
 MAX_QUALITY_ROWS = 1000
 BEST_UNITS_SHOWN = 6
 TOP_UNITS_LISTED = 5
-UNIT_SIDE = 96  # pixels of a unit map thumbnail
+UNIT_SIDE = 128  # pixels of a unit map thumbnail (long side)
 THUMB_TABLE_SIDE = 64  # pixels of a thumbnail in the quality table
+MAX_SUBSET_CHARTS = 3  # SA-per-layer charts of image subsets the findings quote
+SCORE_HEADERS = {"sa": "SA", "sa_pred": "SA pred"}
 SETTINGS_FIRST = (
     "model",
     "layers",
@@ -109,9 +116,17 @@ def join(parts: Iterable[Any], sep: str = "") -> Html:
     return Html(sep.join(esc(p) for p in parts if p is not None))
 
 
-def _img(png: bytes, alt: str, class_: str | None = None, title: str | None = None) -> Html:
+def _img(
+    png: bytes,
+    alt: str,
+    class_: str | None = None,
+    title: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> Html:
+    """An embedded PNG; ``size`` (rows, columns) is its pixel size, shown 1:1."""
     src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-    return tag("img", src=src, alt=alt, class_=class_, title=title)
+    h, w = size if size is not None else (None, None)
+    return tag("img", src=src, alt=alt, class_=class_, title=title, width=w, height=h)
 
 
 def _finite(x: Any) -> bool:
@@ -192,6 +207,8 @@ def _header(folder: ResultFolder, title: str, n_layers: int) -> Html:
         ("labels", "yes" if folder.has_labels else "no"),
         ("units", "yes" if folder.units is not None else "no"),
     ]
+    if folder.errors is not None:
+        facts.insert(1, ("failed", str(len(folder.errors))))
     if "model" in s:
         facts.insert(0, ("model", _setting_text(s["model"])))
     if "date" in s:
@@ -214,48 +231,140 @@ def _header(folder: ResultFolder, title: str, n_layers: int) -> Html:
     )
 
 
-def _findings_section(findings: Sequence[str]) -> Section | None:
+def _selector_text(selector: dict[str, tuple[str, ...]]) -> str:
+    if not selector:
+        return "every image"
+    return "; ".join(f"{col} {', '.join(values)}" for col, values in selector.items())
+
+
+def _finding_subsets(
+    folder: ResultFolder, findings: Sequence[Finding]
+) -> list[tuple[dict[str, tuple[str, ...]], list[str]]]:
+    """The distinct image subsets the findings quote that are neither empty nor every image."""
+    out: list[tuple[dict[str, tuple[str, ...]], list[str]]] = []
+    total = folder.images["image"].nunique()
+    for f in findings:
+        if f.images is None or any(sel == f.images for sel, _ in out):
+            continue
+        if any(c not in folder.images.columns for c in f.images):
+            continue
+        ids = folder.images.loc[select_images(folder.images, f.images), "image"].unique().tolist()
+        if 0 < len(ids) < total:
+            out.append((f.images, [str(i) for i in ids]))
+    return out[:MAX_SUBSET_CHARTS]
+
+
+def _groups_note(folder: ResultFolder) -> str:
+    if "group" not in folder.images.columns:
+        return ""
+    k = folder.images["group"].nunique()
+    return f" ({k} groups)" if k > 1 else ""
+
+
+def _findings_section(findings: Sequence[Finding], folder: ResultFolder) -> Section | None:
     if not findings:
         return None
-    body = tag("ul", join(tag("li", f) for f in findings), class_="findings")
-    return Section("findings", "What this run shows", body)
+    items = []
+    for f in findings:
+        note = None
+        if f.images is not None:
+            missing = [c for c in f.images if c not in folder.images.columns]
+            if missing:
+                note = (
+                    f"about the images with {_selector_text(f.images)}; images.parquet has no "
+                    f"column {', '.join(missing)}, so the report cannot check them"
+                )
+            else:
+                ids = folder.images.loc[select_images(folder.images, f.images), "image"]
+                note = f"over {describe_images(ids, folder.images)}"
+        items.append(tag("li", f.text, tag("span", f" — {note}", class_="scope") if note else None))
+    body = [tag("ul", join(items), class_="findings")]
+    if any(f.images is None for f in findings) and any(f.images is not None for f in findings):
+        body.append(
+            tag(
+                "p",
+                "Statements without a note after a dash do not say which images they are about.",
+                class_="caption",
+            )
+        )
+    return Section("findings", "What this run shows", join(body))
 
 
-def _layers_section(folder: ResultFolder, summary: pd.DataFrame) -> Section:
+def _roles_caption(roles: dict[str, str | None], names: Sequence[str]) -> str:
+    present = [r for r in ("encoder", "bottleneck", "decoder") if r in roles.values()]
+    if figures.shaded_roles(roles, names):
+        return (
+            f"shading marks {', '.join(present[:-1])} and {present[-1]} layers, told apart by their "
+            "names or the MONAI UNet structure."
+        )
+    return "the layer names do not tell encoder from decoder, so nothing is shaded."
+
+
+def _layers_section(
+    folder: ResultFolder, summary: pd.DataFrame, findings: Sequence[Finding]
+) -> Section:
     roles = layer_roles(summary["layer"])
-    shaded = {r for n, r in roles.items() if n != "input"} - {None} == {"encoder", "decoder"}
+    names = summary["layer"].tolist()
+    shaded = figures.shaded_roles(roles, names)
     scores = (["sa"] if folder.has_labels else []) + ["sa_pred"]
-    png = figures.sa_per_layer_figure(summary, roles, scores)
-    n = folder.layers["image"].nunique()
     which = (
         "blue: against the label, orange: against the network's own prediction (label-free)"
         if folder.has_labels
         else "against the network's own prediction (no labels in this run)"
     )
-    shade = (
-        "shading marks encoder and decoder layers, told apart by their names."
-        if shaded
-        else "the layer names do not tell encoder from decoder, so nothing is shaded."
+    numbered = figures.labels_numbered([n for n in names])
+    key = (
+        " Tick labels carry the layer's depth (first column of the table below) where shortened "
+        "names would not tell layers apart."
+        if numbered
+        else ""
+    )
+    everyone = folder.layers["image"].unique().tolist()
+    all_text = describe_images(everyone, folder.images)
+    subsets = _finding_subsets(folder, findings)
+    blocks = []
+    sub_summaries = []
+    for selector, ids in subsets:
+        sub = layer_summary(folder.layers[folder.layers["image"].isin(ids)])
+        sub_summaries.append((selector, sub.set_index("layer")))
+        png = figures.sa_per_layer_figure(
+            sub, roles, scores, title=f"Mean over {len(ids)} images: {_selector_text(selector)}"
+        )
+        blocks.append(
+            _figure_block(
+                png,
+                f"SA per layer, {_selector_text(selector)}",
+                f"The images the findings above quote ({_selector_text(selector)}): each point is "
+                f"the mean SA over these {len(ids)} images ({which}), the band the interquartile "
+                f"range, the hollow square the input image itself; {_roles_caption(roles, names)}"
+                + key,
+            )
+        )
+    png = figures.sa_per_layer_figure(
+        summary,
+        roles,
+        scores,
+        title=f"Mean over all {len(everyone)} images{_groups_note(folder)}",
     )
     caption = (
-        f"Read left to right in forward order: each point is the mean SA over {n} images ({which}), "
-        f"the band the interquartile range, the hollow square the input image itself; {shade}"
+        f"Read left to right in forward order: each point is the mean SA over {all_text} "
+        f"({which}), the band the interquartile range, the hollow square the input image itself; "
+        f"{_roles_caption(roles, names)}" + key
     )
-    blocks = [_figure_block(png, "SA per layer", caption)]
+    blocks.append(_figure_block(png, "SA per layer, all images", caption))
 
     show_n = summary["n_images"].nunique() > 1
     show_undefined = bool(summary["n_undefined"].gt(0).any())
     headers = ["depth", "layer"] + (["part"] if shaded else []) + ["channels", "shape"]
     if folder.has_labels:
         headers += ["SA", "SA IQR"]
-    headers += (
-        ["SA pred", "SA pred IQR"]
-        + (["images"] if show_n else [])
-        + (["undefined"] if show_undefined else [])
-    )
+    headers += ["SA pred", "SA pred IQR"]
+    for selector, _ in sub_summaries:
+        headers += [f"{SCORE_HEADERS[s]} ({_selector_text(selector)})" for s in scores]
+    headers += (["images"] if show_n else []) + (["undefined"] if show_undefined else [])
     rows = []
     for r in summary.itertuples(index=False):
-        cells = [_num_cell(r.depth, 0), tag("td", tag("code", r.layer), class_="layer")]
+        cells = [_num_cell(r.depth, 0), tag("td", tag("code", _breakable(r.layer)), class_="layer")]
         if shaded:
             cells.append(_text_cell(roles.get(r.layer) or ""))
         cells += [
@@ -274,12 +383,20 @@ def _layers_section(folder: ResultFolder, summary: pd.DataFrame) -> Section:
                     data_sort=repr(float(width)) if width is not None else "",
                 )
             )
+        for _, sub in sub_summaries:
+            for score in scores:
+                v = sub[f"{score}_mean"].get(r.layer, math.nan)
+                cells.append(_num_cell(v))
         if show_n:
             cells.append(_num_cell(r.n_images, 0))
         if show_undefined:
             cells.append(_num_cell(r.n_undefined, 0))
         rows.append(tag("tr", join(cells)))
-    note = "One row per layer: mean SA over images and its interquartile range (IQR); click a header to sort."
+    note = (
+        f"One row per layer: mean SA over {all_text} and its interquartile range (IQR)"
+        + ("; then the mean over the images the findings quote" if sub_summaries else "")
+        + "; click a header to sort."
+    )
     if show_undefined:
         undefined = (
             folder.layers.loc[folder.layers["sa_pred"].isna(), "reason"]
@@ -302,8 +419,15 @@ def _scores_line(
     return f"SA pred {_fmt(sa_pred, 2)}"
 
 
+def _breakable(name: str) -> Html:
+    """A name that may wrap after its dots and underscores, never cut."""
+    parts = re.split(r"(?<=[._])", name)
+    return join([esc(p) for p in parts], sep=Html("<wbr>"))
+
+
 def _panel(
     png: bytes,
+    size: tuple[int, int],
     name: str,
     line: str | None,
     *,
@@ -311,22 +435,24 @@ def _panel(
     code: bool = True,
     small: bool = False,
 ) -> Html:
-    short = figures.shorten(name, 20 if number is not None else 22)
     label = tag(
         "span",
         tag("span", f"{number} ", class_="num-tag") if number is not None else None,
-        tag("code", short) if code else short,
+        tag("code", _breakable(name)) if code else name,
         class_="name",
         title=name,
     )
     cap = join([label, tag("span", line, class_="score")] if line else [label])
-    return tag(
-        "figure", _img(png, name), tag("figcaption", cap), class_="map small" if small else "map"
-    )
+    img = _img(png, name, size=size)
+    return tag("figure", img, tag("figcaption", cap), class_="map small" if small else "map")
 
 
 def _view(
-    maps: MapStore, k: int, slice_index: int | None, side: int = figures.THUMB_SIDE
+    maps: MapStore,
+    k: int,
+    slice_index: int | None,
+    side: int = figures.THUMB_SIDE,
+    crop: bool = False,
 ) -> tuple[figures.SliceView, str]:
     image = maps.get(k, "image")
     if image is None:
@@ -334,16 +460,29 @@ def _view(
     label = maps.get(k, "label")
     pred = maps.get(k, "prediction")
     reference = (label > 0) if label is not None else (pred >= 0.5 if pred is not None else None)
-    view = figures.SliceView(image, reference, slice_index, side)
+    focus = reference
+    if label is not None and pred is not None and label.shape == pred.shape:
+        focus = (label > 0) | (pred >= 0.5)
+    view = figures.SliceView(image, reference, slice_index, side, focus=focus, crop=crop)
     return view, (
         "label" if label is not None else "prediction ≥ 0.5" if pred is not None else "none"
     )
+
+
+def _is_empty_case(maps: MapStore, k: int) -> bool:
+    """Whether a kept image has nothing to segment: an empty label and an empty prediction."""
+    label = maps.get(k, "label")
+    pred = maps.get(k, "prediction")
+    label_empty = label is None or not np.any(label > 0)
+    pred_empty = pred is None or not np.any(pred >= 0.5)
+    return label_empty and pred_empty and (label is not None or pred is not None)
 
 
 def _maps_section(
     folder: ResultFolder,
     maps: MapStore | None,
     chosen: list[tuple[int, str]],
+    skipped: int,
     order: list[str],
     slice_index: int | None,
 ) -> Section:
@@ -356,7 +495,13 @@ def _maps_section(
             False,
         )
     if not chosen:
-        return Section("maps", title, _absent("maps.npz holds no kept image."), False)
+        why = (
+            f"each of the {skipped} kept image(s) in maps.npz has an empty label and an empty "
+            "prediction: nothing to see (choose one with images=[...], CLI: --images ID)."
+            if skipped
+            else "maps.npz holds no kept image."
+        )
+        return Section("maps", title, _absent(why), False)
     scores = {(r.image, r.layer): (r.sa, r.sa_pred) for r in folder.layers.itertuples(index=False)}
     images = folder.images.set_index("image")
     rank = {n: i for i, n in enumerate(order)}
@@ -365,33 +510,46 @@ def _maps_section(
             "p",
             "For each image: the image, its label and the network's prediction, then each layer's feature "
             "segmentation (yellow: pixels the layer's prototypes give to the target) over the image, the "
-            "reference outlined in blue; under each map, the layer's SA.",
+            "reference outlined in blue; under each map, the layer's depth, name and SA. A small target is "
+            "shown zoomed to its box (said above the maps).",
             class_="caption",
         )
     ]
     for k, image_id in chosen:
         try:
-            view, ref_name = _view(maps, k, slice_index)
+            view, ref_name = _view(maps, k, slice_index, crop=True)
         except KeyError:
             blocks.append(tag("h3", image_id))
             blocks.append(_absent(f"maps.npz has no image array for {image_id!r}."))
             continue
-        panels = [_panel(figures.overlay_png(view, None, outline=False), "image", None, code=False)]
+        size = view.shape
+        panels = [
+            _panel(figures.overlay_png(view, None, outline=False), size, "image", None, code=False)
+        ]
         label = maps.get(k, "label")
         if label is not None:
             panels.append(
-                _panel(figures.overlay_png(view, label, outline=False), "label", None, code=False)
+                _panel(
+                    figures.overlay_png(view, label, outline=False), size, "label", None, code=False
+                )
             )
         pred = maps.get(k, "prediction")
         if pred is not None:
             panels.append(
-                _panel(figures.probability_png(view, pred), "prediction", "probability", code=False)
+                _panel(
+                    figures.probability_png(view, pred),
+                    size,
+                    "prediction",
+                    "probability",
+                    code=False,
+                )
             )
         for layer in sorted(maps.layers(k), key=lambda n: (rank.get(n, len(rank)), n)):
             png = figures.overlay_png(view, maps.get(k, "layer", layer))
             panels.append(
                 _panel(
                     png,
+                    size,
                     layer,
                     _scores_line(scores, image_id, layer, folder.has_labels),
                     number=rank.get(layer),
@@ -403,28 +561,35 @@ def _maps_section(
             row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
             for col, name in (
                 ("dice", "Dice"),
-                ("mean_sa", "mean SA"),
-                ("mean_sa_pred", "mean SA pred"),
-                ("input_sa_pred", "input SA pred"),
+                ("mean_sa", "mean SA (vs label)"),
+                ("mean_sa_pred", "mean SA (vs prediction)"),
+                ("input_sa_pred", "input SA (vs prediction)"),
             ):
                 if col in row.index and _finite(row[col]):
                     facts.append(f"{name} {_fmt(row[col])}")
+            if "group" in row.index and isinstance(row["group"], str):
+                facts.insert(0, f"group {row['group']}")
         facts.append(f"outline: {ref_name}")
         if view.is_3d:
             how = "set by slice_index" if slice_index is not None else "largest target area"
             facts.append(f"slice {view.index} of {view.depth} along the last axis ({how})")
+        crop = view.crop_note()
+        if crop:
+            facts.append(crop)
         blocks.append(tag("h3", "Image ", tag("code", image_id)))
         blocks.append(tag("p", " · ".join(facts), class_="meta"))
         blocks.append(tag("div", join(panels), class_="map-grid"))
-    more = len(maps.image_ids) - len(chosen)
-    if more > 0:
-        blocks.append(
-            tag(
-                "p",
-                f"{more} more kept image(s) in maps.npz; choose others with images=[...] (CLI: --images ID).",
-                class_="meta",
-            )
+    notes = []
+    if skipped:
+        notes.append(
+            f"{skipped} kept image(s) with an empty label and an empty prediction are not shown."
         )
+    more = len(maps.image_ids) - len(chosen) - skipped
+    if more > 0:
+        notes.append(f"{more} more kept image(s) in maps.npz.")
+    if notes:
+        notes.append("Choose others with images=[...] (CLI: --images ID).")
+        blocks.append(tag("p", " ".join(notes), class_="meta"))
     return Section("maps", title, join(blocks))
 
 
@@ -443,12 +608,12 @@ def _units_section(
     score = "sa" if folder.units["sa"].notna().any() else "sa_pred"
     against = "the label" if score == "sa" else "the network's prediction"
     means = unit_means(folder.units, score)
-    n = folder.units["image"].nunique()
+    which = describe_images(folder.units["image"].unique(), folder.images)
     blocks = [
         _figure_block(
             figures.unit_distribution_figure(means, order, score),
             "unit SA per layer",
-            f"Each dot is a unit (channel), its SA against {against} averaged over {n} images; "
+            f"Each dot is a unit (channel), its SA against {against} averaged over {which}; "
             "the box spans the quartiles of the layer's units, the line is their median.",
         ),
         _figure_block(
@@ -467,7 +632,7 @@ def _units_section(
             if not per_layer:
                 continue
             view, _ = (
-                _view(maps, k, slice_index, UNIT_SIDE)
+                _view(maps, k, slice_index, UNIT_SIDE, crop=True)
                 if maps.get(k, "image") is not None
                 else (None, "")
             )
@@ -486,14 +651,24 @@ def _units_section(
                     s = lookup[score].get((layer, u), math.nan)
                     png = figures.overlay_png(view, maps.get(k, "unit", layer, u))
                     panels.append(
-                        _panel(png, f"unit {u}", f"SA {_fmt(s, 2)}", code=False, small=True)
+                        _panel(
+                            png,
+                            view.shape,
+                            f"unit {u}",
+                            f"SA {_fmt(s, 2)}",
+                            code=False,
+                            small=True,
+                        )
                     )
                 rows.append(
                     tag(
                         "div",
                         tag(
                             "div",
-                            tag("code", figures.shorten(layer, 34)),
+                            tag("span", f"{rank[layer]} ", class_="num-tag")
+                            if layer in rank
+                            else None,
+                            tag("code", _breakable(layer)),
                             class_="unit-layer",
                             title=layer,
                         ),
@@ -505,8 +680,10 @@ def _units_section(
             blocks.append(
                 tag(
                     "p",
-                    f"Per layer, the kept units with the highest mean SA against {against}: each unit's "
-                    "own feature segmentation (yellow) over the image, the reference outlined in blue.",
+                    f"Per layer (depth and name), the kept units with the highest mean SA against "
+                    f"{against}: each unit's own feature segmentation (yellow) over the image, the "
+                    "reference outlined in blue"
+                    + (f"; {view.crop_note()}." if view.crop_note() else "."),
                     class_="caption",
                 )
             )
@@ -528,7 +705,7 @@ def _units_section(
             join(
                 [
                     _num_cell(r.depth, 0),
-                    tag("td", tag("code", r.layer), class_="layer"),
+                    tag("td", tag("code", _breakable(r.layer)), class_="layer"),
                     _num_cell(r.unit, 0),
                     _num_cell(r.rank, 0),
                     _num_cell(r.sa),
@@ -554,15 +731,19 @@ def _units_section(
 
 _QUALITY_LABELS = {
     "estimated_dice": "estimated Dice",
-    "mean_sa_pred": "mean SA pred",
-    "mean_sa": "mean SA",
-    "input_sa_pred": "input SA pred",
-    "flag": "flag",
-    "input_sa": "input SA",
+    "mean_sa_pred": "mean SA (vs prediction)",
+    "gate_mean_sa_pred": "mean SA the gate used",
+    "input_sa_pred": "input SA (vs prediction)",
+    "mean_sa": "mean SA (vs label)",
+    "input_sa": "input SA (vs label)",
     "dice": "Dice",
+    "flag": "flag",
     "flag_reason": "flag reason",
     "reason": "note",
+    "interval": "interval",
 }
+# Measured columns of the quality table, in display order after the gate's own columns.
+_MEASURED = ("mean_sa_pred", "gate_mean_sa_pred", "input_sa_pred", "mean_sa", "input_sa", "dice")
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -577,6 +758,55 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return _pearson(pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy())
 
 
+def quality_columns(
+    table: pd.DataFrame, estimate: str, flag: str | None, meta: Sequence[str]
+) -> list[str]:
+    """The columns the quality table shows, in order: one per quantity (``interval`` stands for
+    ``lower``/``upper``); columns without any value are left out."""
+
+    def has(c: str) -> bool:
+        if c not in table.columns:
+            return False
+        v = table[c]
+        return bool(v.notna().any() and v.astype(str).str.len().gt(0).any())
+
+    cols = [c for c in meta if has(c)] + [estimate]
+    if has("lower") and has("upper"):
+        cols.append("interval")
+    if flag:
+        cols.append(flag)
+    if has("flag_reason"):
+        cols.append("flag_reason")
+    cols += [c for c in _MEASURED if c != estimate and has(c)]
+    if flag is None and has("reason"):
+        cols.append(
+            "reason"
+        )  # without a gate, the analysis' own note (with one, the gate's reason says it)
+    shown = {"image", *cols, "lower", "upper", "reason", *INTERNAL_QC_COLUMNS}
+    cols += [c for c in table.columns if c not in shown and not c.startswith("_") and has(c)]
+    return cols
+
+
+def _quality_cell(r: dict[str, Any], c: str, flag: str | None, digits: dict[str, int]) -> Html:
+    if c == "interval":
+        lo, hi = r.get("lower"), r.get("upper")
+        if _finite(lo) and _finite(hi):
+            return tag("td", f"{_fmt(lo)}–{_fmt(hi)}", class_="num", data_sort=repr(float(lo)))
+        return tag("td", "—", class_="num na", data_sort="")
+    v = r.get(c)
+    if c == flag:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return _text_cell(None)
+        if isinstance(v, (bool, np.bool_)):
+            return _text_cell("flagged" if v else "pass")
+        return _text_cell(v)
+    if c in digits:
+        return _num_cell(v, digits[c])
+    if isinstance(v, (float, np.floating, int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return _num_cell(v)
+    return _text_cell(v)
+
+
 def _quality_section(
     folder: ResultFolder, maps: MapStore | None, slice_index: int | None
 ) -> Section:
@@ -587,41 +817,18 @@ def _quality_section(
         )
     table, estimate, flag = quality_table(folder)
     meta = [c for c in folder.metadata_columns if c in table.columns]
-    qc_extra = (
-        []
-        if folder.qc is None
-        else [
-            c
-            for c in folder.qc.rename(columns={"reason": "flag_reason"}).columns
-            if c not in ("image", estimate, flag, "flag_reason") and c not in meta
-        ]
-    )
-    numeric = [estimate] + [
-        c for c in ("mean_sa_pred", "input_sa_pred", "mean_sa", "dice") if c != estimate
-    ]
-    numeric = [
-        c
-        for c in numeric
-        if c in table.columns and (c not in ("mean_sa", "dice") or table[c].notna().any())
-    ]
-    texts = ([flag] if flag else []) + [
-        c
-        for c in ("flag_reason", "reason")
-        if c in table.columns and table[c].fillna("").astype(str).str.len().gt(0).any()
-    ]
+    columns = quality_columns(table, estimate, flag, meta)
     thumbs = maps is not None and any(maps.index(i) is not None for i in table["image"])
     headers = (
-        (["view"] if thumbs else [])
-        + ["image"]
-        + meta
-        + [_QUALITY_LABELS.get(c, c) for c in numeric]
-        + [_QUALITY_LABELS.get(c, c) for c in texts + qc_extra]
+        (["view"] if thumbs else []) + ["image"] + [_QUALITY_LABELS.get(c, c) for c in columns]
     )
-    digits = {}  # numeric metadata: whole numbers without decimals
-    for c in meta:
-        if pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]):
-            v = table[c].dropna().to_numpy(float)
-            digits[c] = 0 if np.all(v == np.round(v)) else 3
+    digits = {}  # numeric columns of whole numbers: without decimals
+    for c in columns:
+        if c in table.columns and c not in _QUALITY_LABELS:
+            col = table[c]
+            if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+                v = col.dropna().to_numpy(float)
+                digits[c] = 0 if np.all(v == np.round(v)) else 3
     rows = []
     for r in table.head(MAX_QUALITY_ROWS).to_dict("records"):
         cells = []
@@ -636,50 +843,59 @@ def _quality_section(
                     if pred is not None
                     else figures.overlay_png(view, None)
                 )
-            cells.append(
-                tag("td", _img(png, r["image"], class_="thumb") if png else "", class_="thumb-cell")
-            )
-        cells.append(tag("td", tag("code", r["image"]), class_="layer"))
-        for c in meta:
-            v = r[c]
-            cells.append(_num_cell(v, digits[c]) if c in digits else _text_cell(v))
-        cells += [_num_cell(r[c]) for c in numeric]
-        for c in texts + qc_extra:
-            v = r[c]
-            if c == flag and isinstance(v, (bool, np.bool_)):
-                cells.append(_text_cell("flagged" if v else "pass"))
-            elif isinstance(v, (float, np.floating)) and c not in ("flag_reason", "reason"):
-                cells.append(_num_cell(v))
+                cells.append(
+                    tag(
+                        "td",
+                        _img(png, r["image"], class_="thumb", size=view.shape),
+                        class_="thumb-cell",
+                    )
+                )
             else:
-                cells.append(_text_cell(v))
+                cells.append(tag("td", "", class_="thumb-cell"))
+        cells.append(tag("td", tag("code", r["image"]), class_="layer"))
+        cells += [_quality_cell(r, c, flag, digits) for c in columns]
         rows.append(
             tag("tr", join(cells), class_="flagged" if flag and is_flagged(r[flag]) else None)
         )
-    est_name = (
-        f"{_QUALITY_LABELS.get(estimate, estimate)} from qc.csv"
-        if folder.qc is not None
-        else "mean SA against the prediction"
-    )
-    caption = (
-        f"One row per image, worst estimated quality first ({est_name}; no label needed); "
-        + (
-            "flagged images are highlighted; "
-            if flag
-            else "no gate decision in this run (no qc.csv); "
+    n_images = folder.images["image"].nunique()
+    if folder.qc is not None:
+        n_flagged = sum(is_flagged(v) for v in table[flag]) if flag else 0
+        outside = n_images - int(table["image"].isin(folder.images["image"]).sum())
+        caption = (
+            f"One row per image the gate judged in qc.csv, {describe_images(table['image'], folder.images)}"
+            + (f", {n_flagged} flagged" if flag else "")
+            + ". "
+            + ("Flagged images first (highlighted), then " if flag else "")
+            + f"{'w' if flag else 'W'}orst {_QUALITY_LABELS.get(estimate, estimate)} first (no label needed). "
+            "Gate values (estimate, interval, flag, reason) come from qc.csv, measured values "
+            "(SA, Dice, metadata) from images.parquet"
+            + (
+                f"; {outside} other image(s) of images.parquet (e.g. the calibration set) are not in qc.csv"
+                if outside > 0
+                else ""
+            )
+            + ". Click a header to sort."
         )
-        + "click a header to sort."
-    )
+    else:
+        caption = (
+            f"One row per image ({n_images}), worst mean SA against the prediction first (no label "
+            "needed); no gate decision in this run (no qc.csv). Click a header to sort."
+        )
     if len(table) > MAX_QUALITY_ROWS:
         caption += f" The first {MAX_QUALITY_ROWS} of {len(table)} images are listed."
     blocks = []
-    if "dice" in table.columns and np.isfinite(table["dice"].astype(float)).sum() >= 3:
-        both = table[
-            np.isfinite(table["dice"].astype(float))
-            & np.isfinite(table["mean_sa_pred"].astype(float))
+    images = folder.images
+    if "dice" in images.columns and "mean_sa_pred" in images.columns:
+        both = images[
+            np.isfinite(pd.to_numeric(images["dice"], errors="coerce").astype(float))
+            & np.isfinite(pd.to_numeric(images["mean_sa_pred"], errors="coerce").astype(float))
         ]
+    else:
+        both = images.iloc[:0]
+    if len(both) >= 3:
         x, y = both["mean_sa_pred"].to_numpy(float), both["dice"].to_numpy(float)
         rho, r_ = _spearman(x, y), _pearson(x, y)
-        group = "group" if "group" in table.columns else None
+        group = "group" if "group" in images.columns else None
         png = figures.quality_scatter_figure(
             both,
             "mean_sa_pred",
@@ -688,12 +904,19 @@ def _quality_section(
             "mean SA against the prediction (label-free)",
             "Dice of the prediction against the label",
         )
-        colour = " coloured by group;" if group else ""
+        colour = " Coloured by group." if group else ""
+        left_out = n_images - len(both)
         blocks.append(
             _figure_block(
                 png,
                 "mean SA against Dice",
-                f"Each dot is an image:{colour} the further up and right, the better; a rising cloud means "
+                f"Each dot is an image of images.parquet, {describe_images(both['image'], images)}"
+                + (
+                    f", {left_out} image(s) without a Dice or a defined mean SA left out"
+                    if left_out
+                    else ""
+                )
+                + f".{colour} The further up and right, the better; a rising cloud means "
                 f"mean SA ranks outputs as Dice does (Spearman ρ = {_fmt(rho)}, "
                 f"Pearson r = {_fmt(r_)}, n = {len(both)}).",
             )
@@ -710,12 +933,59 @@ def _quality_section(
             headers,
             rows,
             id_="table-quality",
-            sorted_by=int(thumbs) + 1 + len(meta),
+            sorted_by=None,
             nosort=[0] if thumbs else [],
             caption=caption,
         )
     )
     return Section("quality", title, join(blocks))
+
+
+def _failed_section(folder: ResultFolder) -> Section:
+    title = "Failed files"
+    errors = folder.errors
+    if errors is None:
+        return Section(
+            "failed",
+            title,
+            _absent(
+                "no errors.csv in the result folder (runs over files record failures there).",
+                "No failure recorded:",
+            ),
+            False,
+        )
+    if errors.empty:
+        return Section(
+            "failed", title, tag("p", "No file failed (errors.csv is empty).", class_="caption")
+        )
+    columns = ["file", "error"] + [c for c in errors.columns if c not in ("file", "error")]
+    rows = [
+        tag(
+            "tr",
+            join(
+                [tag("td", tag("code", r["file"]), class_="layer")]
+                + [tag("td", r[c], class_="error") for c in columns[1:]]
+            ),
+        )
+        for r in errors.head(MAX_QUALITY_ROWS).to_dict("records")
+    ]
+    caption = f"{len(errors)} file(s) could not be analysed (errors.csv); they are in no table or chart of this report."
+    if len(errors) > MAX_QUALITY_ROWS:
+        caption += f" The first {MAX_QUALITY_ROWS} are listed."
+    return Section("failed", title, _table(columns, rows, id_="table-failed", caption=caption))
+
+
+def _nothing_analysed_section(folder: ResultFolder) -> Section:
+    n = len(folder.errors) if folder.errors is not None else 0
+    text = (
+        f"Every image of this run failed: {n} file(s) listed under Failed files, none analysed, "
+        "so there are no SA scores, maps or quality estimates to show."
+        if n
+        else "This result folder holds no analysed image (its tables are empty) and no recorded failure."
+    )
+    return Section(
+        "no-result", "No image was analysed", tag("p", tag("strong", text), class_="absent")
+    )
 
 
 def _history_section(folder: ResultFolder, order: list[str]) -> Section:
@@ -802,6 +1072,7 @@ section h2{font-size:19px;margin:0 0 12px;font-weight:650}
 section h3{font-size:15px;margin:22px 0 4px;font-weight:620}
 ul.findings{margin:0;padding-left:20px}
 ul.findings li{margin:4px 0}
+ul.findings .scope{color:var(--muted);font-size:13px}
 #findings{border-left:4px solid var(--accent)}
 figure{margin:0}
 figure.chart{margin:8px 0 18px}
@@ -809,17 +1080,16 @@ figure.chart img{max-width:100%;height:auto;display:block}
 figure.chart.wide img{width:100%}
 figure.chart figcaption,p.caption{color:var(--muted);font-size:13.5px;margin:6px 0 10px;max-width:80ch}
 .map-grid{display:flex;flex-wrap:wrap;gap:10px 8px;margin:6px 0 12px}
-figure.map{width:132px}
-figure.map img{width:128px;height:auto;display:block;image-rendering:pixelated;border-radius:4px;border:1px solid var(--line)}
+figure.map{width:min-content}
+figure.map img{display:block;max-width:none;image-rendering:pixelated;border-radius:4px;border:1px solid var(--line)}
 figure.map figcaption{font-size:11.5px;line-height:1.35;margin-top:3px;color:var(--fg)}
-figure.map .name{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+figure.map .name{display:block;overflow-wrap:break-word}
 figure.map .score{display:block;color:var(--muted)}
 figure.map .num-tag{color:var(--muted);font-variant-numeric:tabular-nums}
 .unit-grid{display:flex;flex-wrap:wrap;gap:4px 30px;margin-top:6px}
 .unit-group{border-top:1px solid var(--line);padding-top:6px}
-figure.map.small{width:100px}
-figure.map.small img{width:96px}
-.unit-layer{font-size:13px;max-width:320px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.unit-layer{font-size:13px;max-width:420px;overflow-wrap:break-word}
+.num-tag{color:var(--muted);font-variant-numeric:tabular-nums}
 .table-wrap{overflow:auto;max-height:640px;border:1px solid var(--line);border-radius:8px;margin:4px 0 14px}
 table{border-collapse:collapse;width:100%;font-size:12.5px}
 table.sortable th{position:sticky;top:0;background:#eef1f4;text-align:left;font-weight:600;padding:7px 8px;border-bottom:1px solid var(--line);vertical-align:bottom;cursor:pointer;user-select:none}
@@ -830,14 +1100,15 @@ table.sortable th[aria-sort=descending]::after{content:"\\00a0\\25BC";color:var(
 table.sortable th:focus-visible{outline:2px solid var(--accent);outline-offset:-2px}
 td{padding:4px 8px;border-bottom:1px solid #eef0f2;vertical-align:middle}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td code{overflow-wrap:normal;word-break:normal}
-td.layer{min-width:10ch;max-width:34ch;overflow-wrap:anywhere}
+td code{overflow-wrap:break-word}
+td.layer{min-width:26ch;max-width:48ch}
 td.na{color:#a0a7ae}
 table.sortable tbody tr:nth-child(even){background:#fafbfc}
 tbody tr:hover{background:#eef5fb}
 tr.flagged,tr.flagged:nth-child(even){background:var(--flag)}
 td.thumb-cell{padding:3px 6px;width:80px}
-img.thumb{width:64px;height:auto;display:block;image-rendering:pixelated;border-radius:3px}
+img.thumb{display:block;image-rendering:pixelated;border-radius:3px}
+td.error{overflow-wrap:anywhere;min-width:30ch}
 table.kv{width:auto;max-width:100%}
 table.kv th{text-align:left;color:var(--muted);font-weight:600;padding:5px 18px 5px 0;vertical-align:top;white-space:nowrap}
 table.kv td{overflow-wrap:anywhere;padding:5px 0}
@@ -958,9 +1229,24 @@ def _made_by_report(path: Path) -> bool:
 
 def _choose_images(
     maps: MapStore | None, images: Sequence[str] | None, max_images: int
-) -> list[tuple[int, str]]:
+) -> tuple[list[tuple[int, str]], int]:
+    """The kept images whose maps to show, and how many were passed over as empty cases.
+
+    Without ``images``, the first ``max_images`` kept images that have something to see: an image
+    with an empty label and an empty prediction is passed over.
+    """
     if images is None:
-        return [] if maps is None else list(enumerate(maps.image_ids))[:max_images]
+        if maps is None:
+            return [], 0
+        chosen, skipped = [], 0
+        for k, image_id in enumerate(maps.image_ids):
+            if len(chosen) == max_images:
+                break
+            if _is_empty_case(maps, k):
+                skipped += 1
+            else:
+                chosen.append((k, image_id))
+        return chosen, skipped
     if maps is None:
         raise ValueError(f"images={list(images)!r} was given but the result folder has no maps.npz")
     missing = [i for i in images if maps.index(i) is None]
@@ -970,7 +1256,7 @@ def _choose_images(
             f"images: no maps kept for {missing!r}; maps.npz holds {kept!r}"
             + (" ..." if len(maps.image_ids) > 10 else "")
         )
-    return [(maps.index(i), i) for i in dict.fromkeys(images)]  # type: ignore[misc]
+    return [(maps.index(i), i) for i in dict.fromkeys(images)], 0  # type: ignore[misc]
 
 
 def build_report(
@@ -981,12 +1267,16 @@ def build_report(
     max_images: int = 4,
     slice_index: int | None = None,
     title: str | None = None,
-    findings: Sequence[str] | None = None,
+    findings: Sequence[str | dict[str, Any] | Finding] | None = None,
 ) -> Path:
     """Write the HTML report of a result folder: one self-contained file.
 
     Views: what the run shows (findings), SA per layer, segmentation ability maps, units, the
-    quality gate, SA over training, and the settings. A view whose data the folder lacks says so.
+    quality gate, failed files, SA over training, and the settings. A view whose data the folder
+    lacks says so. Every chart says which images it averages; when findings name the images they
+    quote (see :func:`segability.report.data.parse_findings`), SA per layer is also drawn for
+    those images. A run in which every image failed gives a report that says so and lists the
+    failures.
 
     Args:
         result_dir: folder written by ``SAResult.save`` (``layers.parquet``, ``images.parquet``,
@@ -1000,14 +1290,16 @@ def build_report(
         slice_index: slice (along the last axis) shown for 3D images; default the slice with the
             largest target area.
         title: page title; default from the model name.
-        findings: statements for "What this run shows"; default ``findings.json`` of the folder
-            (a JSON list of strings).
+        findings: statements for "What this run shows": strings or ``{"text": ..., "images":
+            {column: [values]}}``; default ``findings.json`` of the folder.
 
     Returns:
         The path of the written report.
 
     Raises:
         FileNotFoundError: ``result_dir`` is not a result folder.
+        IncompleteRunError: (a ValueError) the run has not merged its tables yet (``shards/``
+            without ``images.parquet``, or a table missing): resume the run first.
         FileExistsError: ``out`` exists and was not made by this report.
         ValueError: a bad argument (unknown image id, slice_index out of range, ...) or a malformed
             file in the folder.
@@ -1041,6 +1333,22 @@ def build_report(
     statements = (
         parse_findings(list(findings), "findings") if findings is not None else folder.findings
     )
+    if not folder.analysed:
+        title_text = title or f"segability report: {folder.root.name}"
+        if images is not None:
+            raise ValueError(f"images={list(images)!r}: no image of this run was analysed")
+        sections = [
+            s
+            for s in (
+                _nothing_analysed_section(folder),
+                _findings_section(statements, folder),
+                _failed_section(folder),
+                _settings_section(folder),
+            )
+            if s is not None
+        ]
+        _write(out_path, _page(title_text, _header(folder, title_text, 0), sections))
+        return out_path
 
     order = layer_order(folder.layers)
     summary = layer_summary(folder.layers)
@@ -1053,15 +1361,16 @@ def build_report(
     )
     maps = MapStore(folder.maps_path) if folder.maps_path is not None else None
     try:
-        chosen = _choose_images(maps, images, max_images)
+        chosen, skipped = _choose_images(maps, images, max_images)
         sections = [
             s
             for s in (
-                _findings_section(statements),
-                _layers_section(folder, summary),
-                _maps_section(folder, maps, chosen, order, slice_index),
+                _findings_section(statements, folder),
+                _layers_section(folder, summary, statements),
+                _maps_section(folder, maps, chosen, skipped, order, slice_index),
                 _units_section(folder, maps, chosen, order, slice_index),
                 _quality_section(folder, maps, slice_index),
+                _failed_section(folder),
                 _history_section(folder, order),
                 _settings_section(folder),
             )
@@ -1070,11 +1379,14 @@ def build_report(
     finally:
         if maps is not None:
             maps.close()
-    page = _page(page_title, _header(folder, page_title, n_layers), sections)
+    _write(out_path, _page(page_title, _header(folder, page_title, n_layers), sections))
+    return out_path
+
+
+def _write(out_path: Path, page: str) -> None:
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return out_path
