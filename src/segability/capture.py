@@ -258,12 +258,14 @@ class FeatureRecorder:
         return hook
 
     def __enter__(self) -> FeatureRecorder:
+        registered = False
         try:
             for name, module in self.layers:
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
+            registered = True
+        finally:
+            if not registered:  # a failure half-way (or an interrupt) leaves no hook behind
+                self.remove()
         return self
 
     def __exit__(self, *exc: Any) -> None:

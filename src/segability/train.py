@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,15 +129,35 @@ def train_reference(
         on_epoch: called after every epoch with the epoch number and its metrics (progress).
         command: the command line recorded in the card.
     """
+    cfg = config or TrainConfig()
+    with _scoped_torch(cfg.threads, cfg.seed):
+        return _train(cfg, out_dir=out_dir, cache_dir=cache_dir, on_epoch=on_epoch, command=command)
+
+
+@contextmanager
+def _scoped_torch(threads: int | None, seed: int):
+    """Set torch's thread count and global seed for a training run, and restore both after it.
+
+    The caller's random stream continues where it was (``fork_rng``), and its thread count is
+    given back, also when training raises.
+    """
+    before = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            torch.manual_seed(seed)
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _train(cfg: TrainConfig, *, out_dir, cache_dir, on_epoch, command) -> TrainResult:
     from monai.losses import DiceCELoss
 
     from segability import __version__
     from segability.datasets import mni_lesions
 
-    cfg = config or TrainConfig()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = mni_lesions(cfg.n_train, "train", size=cfg.size, seed=cfg.seed, cache_dir=cache_dir)
     val = mni_lesions(cfg.n_val, "val", size=cfg.size, seed=cfg.seed + 1, cache_dir=cache_dir)

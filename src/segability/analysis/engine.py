@@ -134,7 +134,7 @@ class Engine:
         self.maps: dict[str, dict[str, Any]] = {}
         self.failed: list[tuple[str, str]] = []
         self.reused: set[str] = set()
-        self.first_error: BaseException | None = None
+        self.first_error: Exception | None = None
         self.spatial_dims: int | None = None
 
     # ---------------------------------------------------------------------------------- run

@@ -117,9 +117,8 @@ def save_arrays(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], met
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **payload)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone after the rename; left behind only on a failure
     return path
 
 

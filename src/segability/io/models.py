@@ -83,16 +83,24 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _import_file(path: Path, argument: str) -> Any:
+    """Import a user's Python file under a private name, leaving no other trace in ``sys.modules``.
+
+    The module's name is derived from its path and content (``segability_user_<stem>_<hash>``),
+    so an edited file is imported anew and no name a user's own code could import is taken; it
+    stays registered because dataclasses and pickling look classes up by module name. The
+    neighbour modules the file imports (``from mynet import UNet``) and ``sys.path`` are restored
+    to what they were: a generic neighbour name (``model``, ``utils``) does not shadow another
+    module of the same name later in the session.
+    """
     resolved = path.resolve()
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(str(resolved).encode() + resolved.read_bytes()).hexdigest()[:10]
     module_name = f"segability_user_{re.sub(r'[^0-9A-Za-z_]', '_', resolved.stem)}_{digest}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     if spec is None or spec.loader is None:
         raise ValueError(f"{argument}: cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    before = set(sys.modules)
+    sys.modules[module_name] = module
     # A factory file often imports its neighbours (``from mynet import UNet``).
     folder = str(resolved.parent)
     added = folder not in sys.path
@@ -100,13 +108,23 @@ def _import_file(path: Path, argument: str) -> Any:
         sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
-    except BaseException as exc:
-        sys.modules.pop(module_name, None)
+    except Exception as exc:
         raise ValueError(f"{argument}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
+        for name in set(sys.modules) - before:
+            if name != module_name and _from_folder(sys.modules[name], resolved.parent):
+                del sys.modules[name]
+        if sys.exc_info()[0] is not None:
+            sys.modules.pop(module_name, None)
     return module
+
+
+def _from_folder(module: Any, folder: Path) -> bool:
+    """Whether ``module`` was loaded from a file inside ``folder`` (a user's neighbour module)."""
+    file = getattr(module, "__file__", None)
+    return file is not None and Path(file).resolve().is_relative_to(folder)
 
 
 def load_callable(spec: str, *, argument: str = "--model") -> Callable[..., Any]:
