@@ -58,22 +58,52 @@ def test_every_part_has_a_layer():
     assert parts - set(LAYERS) == set(), "add new parts of the package to LAYERS and docs/architecture.md"
 
 
-@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(SRC)))
-def test_imports_go_down_only(path):
-    own = path.relative_to(SRC).parts[0].removesuffix(".py")
+def violations(path: Path, own: str) -> list[str]:
+    """The imports of ``path`` (a module of the part ``own``) that break the layering rule."""
+    found = []
     for module in _imports(path):
         part = _part(module)
-        if part is None or part == own:
+        if part is None or part == own or part == "":  # `from segability import __version__` only
             continue
-        if part == "":  # `from segability import __version__` only
-            continue
-        assert LAYERS[part] <= LAYERS[own], f"{own} (layer {LAYERS[own]}) imports {module} (layer {LAYERS[part]})"
-        if own == "datasets":
-            assert part == "core", f"datasets may depend on the core only, imports {module}"
+        if part not in LAYERS:
+            found.append(f"{own} imports {module}, a part with no layer")
+        elif LAYERS[part] > LAYERS[own]:
+            found.append(f"{own} (layer {LAYERS[own]}) imports {module} (layer {LAYERS[part]})")
+        elif own == "datasets" and part != "core":
+            found.append(f"datasets may depend on the core only, imports {module}")
+    return found
 
 
-def test_the_checker_catches_an_upward_import(tmp_path):
-    bad = tmp_path / "x.py"
-    bad.write_text("from segability.cli.app import app\n")
-    assert "segability.cli.app" in _imports(bad)
-    assert LAYERS[_part("segability.cli.app")] > LAYERS["core"]
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_go_down_only(path):
+    assert violations(path, path.relative_to(SRC).parts[0].removesuffix(".py")) == []
+
+
+def test_the_checker_catches_a_deliberately_bad_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import torch\n"
+        "from segability.analysis import analyze\n"  # fine for estimation (layer 3)
+        "from segability.cli.app import app\n"  # the CLI is above everything
+        "def f():\n    import segability.report.html\n"  # imports inside functions count too
+    )
+    assert violations(bad, "estimation") == [
+        "estimation (layer 3) imports segability.cli.app (layer 5)",
+        "estimation (layer 3) imports segability.report.html (layer 4)",
+    ]
+    assert violations(bad, "cli") == []
+    assert violations(bad, "datasets") == [
+        "datasets may depend on the core only, imports segability.analysis",
+        "datasets (layer 2) imports segability.cli.app (layer 5)",
+        "datasets (layer 2) imports segability.report.html (layer 4)",
+    ]
+
+def test_the_architecture_page_documents_every_column_of_the_result_folder():
+    from segability.analysis.results import SCHEMAS
+
+    page = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    folder = page[page.index("## The result folder") :]
+    for schema in SCHEMAS.values():
+        assert f"`{schema.file}`" in folder, schema.file
+        for column in schema.names:
+            assert f"`{column}`" in folder, f"{schema.file}: {column}"
