@@ -16,6 +16,7 @@ from torch import nn
 
 from data_factories import blob, write_dicom_series, write_model_file
 from segability.io import (
+    ImageFileError,
     build_preprocess,
     find_images,
     image_stem,
@@ -29,7 +30,6 @@ from segability.io import (
     parse_shape,
     read_image,
 )
-from segability.io.images import ImageFileError
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +80,12 @@ def test_weights_are_applied(nets, tmp_path, wrap, note):
 def test_weights_that_do_not_fit_name_the_argument(nets, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(load_model(f"{nets}:pointwise_net").state_dict(), path)
-    with pytest.raises(ValueError, match=r"--weights: .* does not fit the model .*: 5 keys with other shapes: 1\.weight: \(6, 1, 1, 1, 1\) in the file, \(4, 1, 3, 3\) in the model, "):
+    with pytest.raises(ValueError, match=r"weights: .* does not fit the model .*: 5 keys with other shapes: 1\.weight: \(6, 1, 1, 1, 1\) in the file, \(4, 1, 3, 3\) in the model, "):
         load_model(f"{nets}:tiny_net", path)
-    with pytest.raises(ValueError, match="--weights: file .* not found"):
+    with pytest.raises(ValueError, match="weights: file .* not found"):
         load_model(f"{nets}:tiny_net", tmp_path / "missing.pt")
     torch.save({"optimizer": {"lr": 0.1}}, tmp_path / "opt.pt")
-    with pytest.raises(ValueError, match=r"--weights: .* without a state dict.*'optimizer'"):
+    with pytest.raises(ValueError, match=r"weights: .* without a state dict.*'optimizer'"):
         load_state_dict(tmp_path / "opt.pt")
 
 
@@ -119,13 +119,13 @@ def test_torchscript_is_refused_with_the_reason(nets, tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("nets_without_colon", "--model: 'nets_without_colon' is neither"),
-        ("{nets}", "--model: .* is a Python file; name its factory"),
-        ("{nets}:not_a_model", "--model: .* returned a int, expected a torch.nn.Module"),
-        ("{nets}:nope", "--model: .* has no 'nope'"),
-        ("missing_dir/nets.py:tiny_net", "--model: file 'missing_dir/nets.py' not found"),
-        ("no_such_module_xyz:fn", "--model: cannot import module 'no_such_module_xyz'"),
-        ("{nets}:tiny_net", r"--model: calling .* failed: .*unexpected keyword.*--model-arg"),
+        ("nets_without_colon", "model: 'nets_without_colon' is neither"),
+        ("{nets}", "model: .* is a Python file; name its factory"),
+        ("{nets}:not_a_model", "model: .* returned a int, expected a torch.nn.Module"),
+        ("{nets}:nope", "model: .* has no 'nope'"),
+        ("missing_dir/nets.py:tiny_net", "model: file 'missing_dir/nets.py' not found"),
+        ("no_such_module_xyz:fn", "model: cannot import module 'no_such_module_xyz'"),
+        ("{nets}:tiny_net", r"model: calling .* failed: .*unexpected keyword.*model_args"),
     ],
 )
 def test_bad_model_specs_name_the_argument(nets, spec, message):
@@ -138,12 +138,12 @@ def test_parse_model_args_and_shape():
     assert parse_model_args(["a=1", "b=[2, 3]", "c=(1, 2)", "d=name", "e=true", "f=None"]) == {
         "a": 1, "b": [2, 3], "c": (1, 2), "d": "name", "e": True, "f": None,
     }  # fmt: skip
-    with pytest.raises(ValueError, match="--model-arg must be key=value"):
+    with pytest.raises(ValueError, match="model_args must be key=value"):
         parse_model_args(["novalue"])
     assert parse_shape("1,1, 64,32") == (1, 1, 64, 32)
     assert parse_shape("1x3x8") == (1, 3, 8)
     for bad in ("", "1,0,4", "a,b"):
-        with pytest.raises(ValueError, match="--example-shape"):
+        with pytest.raises(ValueError, match="example_shape"):
             parse_shape(bad)
 
 
@@ -335,3 +335,11 @@ def test_load_item_checks_label_grid(tmp_path):
         load_item(tmp_path / "i.npy", tmp_path / "l.npy")
     image, label = load_item(tmp_path / "i.npy", None)
     assert label is None and type(image) is torch.Tensor and image.dtype == torch.float32
+
+
+def test_the_former_images_module_names_the_same_objects():
+    # segability.io.images was split into formats / finding / intake / reading / preprocess.
+    import segability.io as io
+    from segability.io import images
+
+    assert images.__all__ and all(getattr(images, n) is getattr(io, n) for n in images.__all__)

@@ -6,9 +6,70 @@ list them.
 
 from __future__ import annotations
 
+import traceback
+
+import click
 import typer
+from typer.core import TyperGroup
+
+# Python arguments whose flag is not the argument's name with "-" for "_".
+_FLAGS = {"model_args": "--model-arg", "labels_dir": "--labels", "images_dir": "--images"}
+
+
+def flag_of(argument: str) -> str:
+    """The command-line flag of a library argument (``label_suffix`` -> ``--label-suffix``)."""
+    return _FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
+def usage_message(err: ValueError) -> str:
+    """A library usage error in the words of the command line: its argument named by its flag."""
+    text, argument = str(err), getattr(err, "argument", None)
+    if argument and text.startswith(argument):
+        return flag_of(argument) + text[len(argument) :]
+    if argument:
+        return f"{flag_of(argument)}: {text}"
+    return text
+
+
+class _Commands(TyperGroup):
+    """Turns what a command raises into a message and an exit code, in one place.
+
+    A :class:`segability.errors.UsageError` (or an occupied output folder) is a usage error: its
+    message with the flag, exit 2. Anything else is a failure: a one-line message, exit 1, and the
+    traceback with ``segability --debug ...``. Exits and click's own errors pass through.
+    """
+
+    def invoke(self, ctx: click.Context):
+        from segability.cli.console import literal
+        from segability.errors import UsageError
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except (UsageError, FileExistsError) as err:
+            message = usage_message(err) if isinstance(err, UsageError) else str(err)
+            _console().print(f"[red]error:[/red] {literal(message)}", highlight=False)
+            if ctx.meta.get("segability.debug"):
+                _console().print(literal("".join(traceback.format_exception(err))), highlight=False)
+            raise typer.Exit(2) from None
+        except Exception as err:
+            _console().print(f"[red]error:[/red] {literal(f'{type(err).__name__}: {err}')}", highlight=False)
+            if ctx.meta.get("segability.debug"):
+                _console().print(literal("".join(traceback.format_exception(err))), highlight=False)
+            else:
+                _console().print("(run with segability --debug ... for the traceback)", highlight=False)
+            raise typer.Exit(1) from None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="segability",
     help="Segmentation ability maps: what every layer of a segmentation network can segment.",
     no_args_is_help=True,
@@ -21,8 +82,12 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an error."),
+) -> None:
     """segability: what every layer and unit of a segmentation network can segment."""
+    ctx.meta["segability.debug"] = debug
 
 
 def main() -> None:

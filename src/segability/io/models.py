@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from segability.errors import UsageError
+
 __all__ = [
     "load_model",
     "load_callable",
@@ -97,7 +99,7 @@ def _import_file(path: Path, argument: str) -> Any:
     module_name = f"segability_user_{re.sub(r'[^0-9A-Za-z_]', '_', resolved.stem)}_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     if spec is None or spec.loader is None:
-        raise ValueError(f"{argument}: cannot import {path} as a Python file")
+        raise UsageError(argument=argument, message=f"{argument}: cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(spec)
     before = set(sys.modules)
     sys.modules[module_name] = module
@@ -109,7 +111,7 @@ def _import_file(path: Path, argument: str) -> Any:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ValueError(f"{argument}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(argument=argument, message=f"{argument}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
@@ -127,7 +129,7 @@ def _from_folder(module: Any, folder: Path) -> bool:
     return file is not None and Path(file).resolve().is_relative_to(folder)
 
 
-def load_callable(spec: str, *, argument: str = "--model") -> Callable[..., Any]:
+def load_callable(spec: str, *, argument: str = "model") -> Callable[..., Any]:
     """Resolve ``path/to/file.py:name`` or ``package.module:name`` to the named callable.
 
     The name may be dotted (``module:Class.create``). A file is imported under a private module
@@ -149,39 +151,39 @@ def load_callable(spec: str, *, argument: str = "--model") -> Callable[..., Any]
         '{"a": 1}'
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{argument} must be 'path/to/file.py:name' or 'package.module:name', got {spec!r}")
+        raise UsageError(argument=argument, message=f"{argument} must be 'path/to/file.py:name' or 'package.module:name', got {spec!r}")
     target, name = _split_spec(spec.strip())
     if name is None or not name:
-        raise ValueError(
-            f"{argument}: {spec!r} names no callable; expected 'path/to/file.py:name' or 'package.module:name'"
+        raise UsageError(
+            argument=argument, message=f"{argument}: {spec!r} names no callable; expected 'path/to/file.py:name' or 'package.module:name'"
         )
     if not _NAME.match(name):
-        raise ValueError(f"{argument}: {name!r} in {spec!r} is not a Python name")
+        raise UsageError(argument=argument, message=f"{argument}: {name!r} in {spec!r} is not a Python name")
     looks_like_file = target.endswith(".py") or "/" in target or os.sep in target
     if looks_like_file:
         path = Path(target).expanduser()
         if not path.is_file():
-            raise ValueError(f"{argument}: file {target!r} not found (from {spec!r})")
+            raise UsageError(argument=argument, message=f"{argument}: file {target!r} not found (from {spec!r})")
         module = _import_file(path, argument)
     else:
         if not _NAME.match(target):
-            raise ValueError(f"{argument}: {target!r} in {spec!r} is neither a .py file nor a module name")
+            raise UsageError(argument=argument, message=f"{argument}: {target!r} in {spec!r} is neither a .py file nor a module name")
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise ValueError(f"{argument}: cannot import module {target!r}: {exc}") from exc
+            raise UsageError(argument=argument, message=f"{argument}: cannot import module {target!r}: {exc}") from exc
     obj: Any = module
     for part in name.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None)))
-            raise ValueError(f"{argument}: {target!r} has no {name!r}; callables there: {public[:15]}")
+            raise UsageError(argument=argument, message=f"{argument}: {target!r} has no {name!r}; callables there: {public[:15]}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{argument}: {name!r} in {target!r} is a {type(obj).__name__}, not a callable")
+        raise UsageError(argument=argument, message=f"{argument}: {name!r} in {target!r} is a {type(obj).__name__}, not a callable")
     return obj
 
 
-def parse_model_args(items: Sequence[str] | None, *, argument: str = "--model-arg") -> dict[str, Any]:
+def parse_model_args(items: Sequence[str] | None, *, argument: str = "model_args") -> dict[str, Any]:
     """Parse ``key=value`` strings into factory keyword arguments.
 
     Values are read as JSON or Python literals (numbers, booleans, lists, tuples, ``None``) when
@@ -196,7 +198,7 @@ def parse_model_args(items: Sequence[str] | None, *, argument: str = "--model-ar
         key, sep, raw = str(item).partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise ValueError(f"{argument} must be key=value with a Python name as key, got {item!r}")
+            raise UsageError(argument=argument, message=f"{argument} must be key=value with a Python name as key, got {item!r}")
         raw = raw.strip()
         try:
             value = json.loads(raw)
@@ -209,7 +211,7 @@ def parse_model_args(items: Sequence[str] | None, *, argument: str = "--model-ar
     return out
 
 
-def parse_shape(text: str | Sequence[int], *, argument: str = "--example-shape") -> tuple[int, ...]:
+def parse_shape(text: str | Sequence[int], *, argument: str = "example_shape") -> tuple[int, ...]:
     """``"1,1,128,128"`` (or ``"1x1x128x128"``) -> ``(1, 1, 128, 128)``; every entry a positive int.
 
     Example:
@@ -220,9 +222,9 @@ def parse_shape(text: str | Sequence[int], *, argument: str = "--example-shape")
     try:
         shape = tuple(int(p) for p in parts if p != "")
     except (TypeError, ValueError):
-        raise ValueError(f"{argument} must be comma-separated positive integers, got {text!r}") from None
+        raise UsageError(argument=argument, message=f"{argument} must be comma-separated positive integers, got {text!r}") from None
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"{argument} must be comma-separated positive integers, got {text!r}")
+        raise UsageError(argument=argument, message=f"{argument} must be comma-separated positive integers, got {text!r}")
     return shape
 
 
@@ -234,7 +236,7 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 def _extract_state_dict(obj: Any, path: Path, argument: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.jit.ScriptModule):
-        raise ValueError(f"{argument}: {path} is a TorchScript module. {TORCHSCRIPT_HELP}")
+        raise UsageError(argument=argument, message=f"{argument}: {path} is a TorchScript module. {TORCHSCRIPT_HELP}")
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if _is_tensor_dict(obj):
@@ -247,11 +249,11 @@ def _extract_state_dict(obj: Any, path: Path, argument: str) -> dict[str, torch.
             if _is_tensor_dict(inner):
                 return dict(inner)
         keys = sorted(map(str, obj))[:12]
-        raise ValueError(
-            f"{argument}: {path} is a dict without a state dict; expected tensors by parameter name, or a "
+        raise UsageError(
+            argument=argument, message=f"{argument}: {path} is a dict without a state dict; expected tensors by parameter name, or a "
             f"checkpoint with one of {list(CHECKPOINT_KEYS)}; its keys are {keys}"
         )
-    raise ValueError(f"{argument}: {path} holds a {type(obj).__name__}, expected a state dict (parameter name -> tensor)")
+    raise UsageError(argument=argument, message=f"{argument}: {path} holds a {type(obj).__name__}, expected a state dict (parameter name -> tensor)")
 
 
 def _check_torch_file(path: Path, argument: str) -> None:
@@ -266,18 +268,18 @@ def _check_torch_file(path: Path, argument: str) -> None:
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise ValueError(f"{argument}: {path} cannot be opened: {exc.strerror or exc}") from None
+        raise UsageError(argument=argument, message=f"{argument}: {path} cannot be opened: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
-        from segability.io.images import _file_kind
+        from segability.io.intake import _file_kind
 
-        raise ValueError(f"{argument}: {path} is {_file_kind(path, info.st_mode)}, not a regular file")
+        raise UsageError(argument=argument, message=f"{argument}: {path} is {_file_kind(path, info.st_mode)}, not a regular file")
     with path.open("rb") as f:
         head = f.read(16)
     if not head:
-        raise ValueError(f"{argument}: {path} is empty, not a PyTorch weights file")
+        raise UsageError(argument=argument, message=f"{argument}: {path} is empty, not a PyTorch weights file")
     if not (head.startswith(ZIP_MAGIC) or head[:1] == PICKLE_MAGIC):
-        raise ValueError(
-            f"{argument}: {path} is not a PyTorch weights file (it starts with {head!r}; torch.save writes "
+        raise UsageError(
+            argument=argument, message=f"{argument}: {path} is not a PyTorch weights file (it starts with {head!r}; torch.save writes "
             "a zip archive, which starts with b'PK\\x03\\x04', or a pickle, which starts with b'\\x80')"
         )
 
@@ -286,25 +288,25 @@ def _torch_load(path: Path, argument: str, trust_pickle: bool) -> Any:
     """``torch.load`` with ``weights_only=True``; a full unpickle only when trusted."""
     _check_torch_file(path, argument)
     if is_torchscript_file(path):
-        raise ValueError(f"{argument}: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
+        raise UsageError(argument=argument, message=f"{argument}: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise ValueError(
-                f"{argument}: {path} holds pickled Python objects beyond tensors (for example a whole "
+            raise UsageError(
+                argument=argument, message=f"{argument}: {path} holds pickled Python objects beyond tensors (for example a whole "
                 f"model saved with torch.save(model)); {PICKLE_HELP}"
             ) from exc
     except Exception as exc:
-        raise ValueError(f"{argument}: cannot read {path} as a PyTorch file: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(argument=argument, message=f"{argument}: cannot read {path} as a PyTorch file: {type(exc).__name__}: {exc}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"{argument}: unpickling {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(argument=argument, message=f"{argument}: unpickling {path} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def load_state_dict(
-    weights: str | os.PathLike, *, trust_pickle: bool = False, argument: str = "--weights"
+    weights: str | os.PathLike, *, trust_pickle: bool = False, argument: str = "weights"
 ) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``torch.save`` file, with ``weights_only=True``.
 
@@ -325,7 +327,7 @@ def load_state_dict(
     """
     path = Path(weights).expanduser()
     if not os.path.lexists(path):
-        raise ValueError(f"{argument}: file {str(weights)!r} not found")
+        raise UsageError(argument=argument, message=f"{argument}: file {str(weights)!r} not found")
     return _extract_state_dict(_torch_load(path, argument, trust_pickle), path, argument)
 
 
@@ -350,9 +352,10 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], weights:
         _listing(missing, "key of the model missing from the file", "keys of the model missing from the file"),
         _listing(unexpected, "key in the file that the model does not have", "keys in the file that the model does not have"),
     ]
-    raise ValueError(
-        f"--weights: {weights} does not fit the model built by --model: "
-        f"{'; '.join(p for p in problems if p)}; check the factory's arguments (--model-arg)"
+    raise UsageError(
+        f"weights: {weights} does not fit the model built by the factory: "
+        f"{'; '.join(p for p in problems if p)}; check the factory's arguments (model_args)",
+        argument="weights",
     )
 
 
@@ -402,7 +405,7 @@ def load_model(
     kwargs = dict(model_args or {})
     if isinstance(spec, nn.Module):
         if kwargs:
-            raise ValueError("--model-arg: arguments are given but the model is already built")
+            raise UsageError(argument="model_args", message="model_args: arguments are given but the model is already built")
         model = spec
     elif callable(spec):
         model = _call_factory(spec, kwargs, getattr(spec, "__name__", type(spec).__name__))
@@ -412,11 +415,11 @@ def load_model(
         if name is None:
             model = _load_pickled_model(Path(target).expanduser(), trust_pickle, kwargs)
         else:
-            model = _call_factory(load_callable(text, argument="--model"), kwargs, text)
+            model = _call_factory(load_callable(text, argument="model"), kwargs, text)
     else:
-        raise ValueError(f"--model must be a spec 'file.py:factory', a callable or an nn.Module, got {type(spec).__name__}")
+        raise UsageError(argument="model", message=f"model must be a spec 'file.py:factory', a callable or an nn.Module, got {type(spec).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(f"--model: the factory returned a TorchScript module. {TORCHSCRIPT_HELP}")
+        raise UsageError(argument="model", message=f"model: the factory returned a TorchScript module. {TORCHSCRIPT_HELP}")
     if weights is not None:
         _apply_state_dict(model, load_state_dict(weights, trust_pickle=trust_pickle), weights)
     return model.to(device).eval()
@@ -426,44 +429,44 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], label: st
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise ValueError(
-            f"--model: calling {label} with arguments {kwargs} failed: {type(exc).__name__}: {exc} (see --model-arg)"
+        raise UsageError(
+            argument="model", message=f"model: calling {label} with arguments {kwargs} failed: {type(exc).__name__}: {exc} (see model_args)"
         ) from exc
     if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(f"--model: {label} returned a TorchScript module. {TORCHSCRIPT_HELP}")
+        raise UsageError(argument="model", message=f"model: {label} returned a TorchScript module. {TORCHSCRIPT_HELP}")
     if not isinstance(model, nn.Module):
-        raise ValueError(f"--model: {label} returned a {type(model).__name__}, expected a torch.nn.Module")
+        raise UsageError(argument="model", message=f"model: {label} returned a {type(model).__name__}, expected a torch.nn.Module")
     return model
 
 
 def _load_pickled_model(path: Path, trust_pickle: bool, kwargs: dict[str, Any]) -> nn.Module:
     if path.suffix == ".py":
-        raise ValueError(f"--model: {path} is a Python file; name its factory too, as '{path}:factory_name'")
+        raise UsageError(argument="model", message=f"model: {path} is a Python file; name its factory too, as '{path}:factory_name'")
     if not path.is_file():
-        raise ValueError(
-            f"--model: {str(path)!r} is neither 'path/to/file.py:factory', 'package.module:factory' nor an existing model file"
+        raise UsageError(
+            argument="model", message=f"model: {str(path)!r} is neither 'path/to/file.py:factory', 'package.module:factory' nor an existing model file"
         )
     if kwargs:
-        raise ValueError("--model-arg: arguments go to a factory; a saved model file takes none")
+        raise UsageError(argument="model_args", message="model_args: arguments go to a factory; a saved model file takes none")
     _check_torch_file(path, "--model")
     if is_torchscript_file(path):
-        raise ValueError(f"--model: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
+        raise UsageError(argument="model", message=f"model: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise ValueError(f"--model: {path} is a whole pickled model (torch.save(model)); {PICKLE_HELP}") from exc
+            raise UsageError(argument="model", message=f"model: {path} is a whole pickled model (torch.save(model)); {PICKLE_HELP}") from exc
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:
-            raise ValueError(f"--model: unpickling {path} failed: {type(inner).__name__}: {inner}") from inner
+            raise UsageError(argument="model", message=f"model: unpickling {path} failed: {type(inner).__name__}: {inner}") from inner
     except Exception as exc:
-        raise ValueError(f"--model: cannot read {path} as a PyTorch file: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(argument="model", message=f"model: cannot read {path} as a PyTorch file: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, Mapping):
-        raise ValueError(
-            f"--model: {path} holds weights (a state dict or checkpoint), not a model; give the architecture "
+        raise UsageError(
+            argument="model", message=f"model: {path} holds weights (a state dict or checkpoint), not a model; give the architecture "
             f"as --model file.py:factory and this file as --weights"
         )
-    raise ValueError(f"--model: {path} holds a {type(obj).__name__}, expected a torch.nn.Module")
+    raise UsageError(argument="model", message=f"model: {path} holds a {type(obj).__name__}, expected a torch.nn.Module")
