@@ -61,8 +61,11 @@ def test_reduced_demo_writes_a_complete_run_folder(demo_run):
     layers = pd.read_parquet(out / "layers.parquet")
     assert layers["sa_pred"].dropna().between(0, 1).all()
     assert "input" in set(layers["layer"])
-    findings = json.loads((out / "findings.json").read_text())
-    assert any("Spearman" in f for f in findings)
+    findings = json.loads((out / "findings.json").read_text())["findings"]
+    spearman = [f for f in findings if isinstance(f, dict) and "mean SA follows true Dice" in f["text"]]
+    assert len(spearman) == 1 and spearman[0]["images"] == "all"
+    per_layer = [f for f in findings if isinstance(f, dict) and f["images"] == {"group": ["clean"]}]
+    assert per_layer, "the layer findings name the clean images they are computed on"
     timing = json.loads((out / "timing.json").read_text())
     assert timing["seconds"]["total"] > 0
     # the summary's correlation is the one measured on the saved table

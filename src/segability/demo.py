@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from segability.analysis import INPUT, RESULT_FILES, SAResult, analyze
+from segability.analysis.results import QC, write_table
 from segability.progress import progress_bar
 
 __all__ = ["DemoConfig", "DemoSummary", "run_demo", "demo_data", "decoder_start", "layer_findings"]
@@ -213,6 +214,8 @@ def run_demo(
         gate = _quality_gate(model, images, layers, cfg)
     dec = decoder_start(res_clean.layers)
     per_layer, notes = layer_findings(res_clean.layers, dec)
+    # Each statement names the images its numbers come from, so the report draws the same images.
+    findings: list[Any] = [{"text": note, "images": {"group": ["clean"]}} for note in notes]
     valid = images.dropna(subset=["mean_sa_pred", "dice"])
     rho = float(stats.spearmanr(valid["mean_sa_pred"], valid["dice"]).statistic) if len(valid) > 2 else math.nan
     r = float(stats.pearsonr(valid["mean_sa_pred"], valid["dice"]).statistic) if len(valid) > 2 else math.nan
@@ -225,11 +228,13 @@ def run_demo(
         f"Over {len(valid)} images with a non-empty prediction (clean and shifted), label-free mean SA follows true "
         f"Dice with Spearman {rho:.3f} and Pearson {r:.3f}, {verdict}."
     )
+    findings.append({"text": notes[-1], "images": "all"})
     notes.extend(gate["notes"])
     notes.append(
         f"Model: shipped reference UNet, validation Dice {card.get('validation_dice')} "
         f"after {card.get('epochs')} epochs ({card.get('training_seconds')} s of training)."
     )
+    findings.extend(notes[len(findings):])
 
     settings = {
         **res_clean.settings,
@@ -242,20 +247,20 @@ def run_demo(
     result = SAResult(layers=layers, images=images, units=res_clean.units, maps=res_clean.maps, settings=settings)
     with _step("write tables", timing, console):
         result.save(out, overwrite=True)
-        gate["qc"].to_csv(out / "qc.csv", index=False)
+        write_table(gate["qc"], out / QC.file, QC)
         if gate.get("comparison") is not None:
             gate["comparison"].to_csv(out / "qc_comparison.csv", index=False)
         per_layer.to_csv(out / "layer_sa.csv", index=False)
         history = reference_paths()[0].with_name("reference_unet_history.csv")
         if history.exists():  # SA per layer over the reference model's training epochs
             shutil.copyfile(history, out / "history.csv")
-        (out / "findings.json").write_text(json.dumps(notes, indent=2) + "\n")
+        (out / "findings.json").write_text(json.dumps({"findings": findings}, indent=2) + "\n")
     report_path = None
     if report:
         with _step("report", timing, console):
             from segability.report import build_report
 
-            report_path = build_report(out, findings=notes)
+            report_path = build_report(out, findings=findings)
     timing["total"] = round(time.perf_counter() - total_start, 2)
     (out / "timing.json").write_text(json.dumps({"seconds": timing, "threads": torch.get_num_threads(), "images": int(len(images))}, indent=2) + "\n")
     return DemoSummary(
