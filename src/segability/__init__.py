@@ -21,11 +21,15 @@ _EXPORTS = {
     "sa_score": "segability.core.functional",
     "UndefinedPrototypeWarning": "segability.core.functional",
     "SegmentationAbility": "segability.core.metric",
+    "Status": "segability.core.reduction",
+    "UsageError": "segability.errors",
     "FeatureRecorder": "segability.capture",
     "LayerInfo": "segability.capture",
     "list_layers": "segability.capture",
     "SAResult": "segability.analysis",
     "analyze": "segability.analysis",
+    "analyze_windows": "segability.analysis",
+    "AnalysisConfig": "segability.analysis",
     "load_result": "segability.analysis",
     "qc": "segability.estimation.qc",
     "evaluate_qc": "segability.estimation.qc",
@@ -35,7 +39,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from segability.analysis import SAResult, analyze, load_result
+    from segability.analysis import AnalysisConfig, SAResult, analyze, analyze_windows, load_result
     from segability.capture import FeatureRecorder, LayerInfo, list_layers
     from segability.core.functional import (
         UndefinedPrototypeWarning,
@@ -45,6 +49,8 @@ if TYPE_CHECKING:
         sa_score,
     )
     from segability.core.metric import SegmentationAbility
+    from segability.core.reduction import Status
+    from segability.errors import UsageError
     from segability.estimation.calibration import Calibration
     from segability.estimation.qc import evaluate_qc, qc
 
