@@ -28,6 +28,7 @@ LAYERS = {
     "errors": 0,
     "progress": 4,
     "compress": 4,
+    "review": 4,
 }
 
 
