@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from data_factories import make_png_folder, write_model_file
+from segability.analysis.results import QC, read_table
 from segability.cli.app import app
+from segability.estimation import GateStatus
 from segability.estimation.qc import COMPARISON_COLUMNS, QC_COLUMNS
 
 runner = CliRunner()
@@ -25,6 +28,16 @@ def files(tmp_path_factory):
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def calibrated(files, tmp_path_factory):
+    """One calibration of the module's model on its 16 labelled images: (calibration file, its run folder)."""
+    _, images, labels, model = files
+    cal = tmp_path_factory.mktemp("cal") / "calibration.json"
+    res = _run("calibrate", "--model", model, "--images", images, "--labels", labels, "--out", cal, "--no-progress")
+    assert res.exit_code == 0, res.output
+    return cal, cal.with_name("calibration.run")
 
 
 def test_calibrate_then_qc_flags_with_reasons(files, tmp_path):
@@ -81,3 +94,82 @@ def test_evaluate_qc_writes_the_comparison(files, tmp_path):
     assert {"sa_all", "sa_input", "entropy", "tta_flip"} <= set(comparison["method"])
     scores = pd.read_csv(out / "qc_scores.csv")
     assert {"image", "dice", "sa_all", "entropy"} <= set(scores.columns) and len(scores) == 16
+
+
+def test_qc_records_an_unreadable_file_and_gates_the_others(files, calibrated, tmp_path):
+    _, _, _, model = files
+    cal, _ = calibrated
+    images, _ = make_png_folder(tmp_path / "data", n=3, size=32, corrupt=True, orphan=False)
+    out = tmp_path / "qc"
+    res = _run("qc", "--model", model, "--images", images, "--calibration", cal, "--out", out, "--no-report", "--no-progress")
+    assert res.exit_code == 1, res.output
+    assert "broken.png" in res.output
+    errors = pd.read_csv(out / "errors.csv")
+    assert [p.rsplit("/", 1)[-1] for p in errors["file"]] == ["broken.png"]
+    table = read_table(out / "qc.csv", QC).set_index("image")
+    assert sorted(table.index) == ["broken.png", "case0.png", "case1.png", "case2.png"]
+    assert table.loc["broken.png", "status"] == GateStatus.FAILED and bool(table.loc["broken.png", "flag"])
+    assert table.loc["broken.png", "reason"].startswith(GateStatus.FAILED.reason)
+    others = table.drop(index="broken.png")
+    assert (others["status"] != GateStatus.FAILED).all() and np.isfinite(others["estimated_dice"]).all()
+    assert set(pd.read_parquet(out / "images.parquet")["image"]) == {"case0.png", "case1.png", "case2.png"}
+
+
+def test_calibrate_and_qc_take_layers_and_preprocess(files, calibrated, tmp_path):
+    _, images, labels, model = files
+    _, plain_run = calibrated
+    pre = tmp_path / "pre.json"  # intensities to [0, 1] (the model thresholds at 0.5), a 24 x 24 crop
+    pre.write_text(json.dumps({"intensity": {"scale": [0, 1]}, "size": [24, 24]}))
+    cal = tmp_path / "cal.json"
+    res = _run("calibrate", "--model", model, "--images", images, "--labels", labels, "--out", cal,
+               "--layers", "1", "--layers", "5", "--preprocess", pre, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert json.loads(cal.read_text())["layers"] == ["1", "5"]
+    run = tmp_path / "cal.run"
+    assert set(pd.read_parquet(run / "layers.parquet")["layer"]) == {"input", "1", "5"}
+    # the preprocessing reached the model: a 24 x 24 input, and scaled intensities change its predictions
+    layers = pd.read_parquet(run / "layers.parquet")
+    assert set(layers.loc[layers["layer"] == "input", "shape"]) == {"1x24x24"}
+    scaled = pd.read_parquet(run / "images.parquet").set_index("image")["dice"]
+    plain = pd.read_parquet(plain_run / "images.parquet").set_index("image")["dice"]
+    assert (scaled.loc[plain.index] > plain + 0.2).all()
+    # qc analyses the calibration's layers by default, with the same preprocessing
+    out = tmp_path / "qc"
+    res = _run("qc", "--model", model, "--images", images, "--calibration", cal, "--out", out, "--preprocess", pre,
+               "--no-report", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_parquet(out / "layers.parquet")["layer"]) == {"input", "1", "5"}
+    table = read_table(out / "qc.csv", QC)
+    assert list(table.columns) == QC_COLUMNS
+    images_table = pd.read_parquet(out / "images.parquet").set_index("image")
+    np.testing.assert_allclose(table.set_index("image")["mean_sa_pred"], images_table.loc[table["image"], "mean_sa_pred"])
+    # --layers that leave out a calibration layer: a usage error before anything runs
+    res = _run("qc", "--model", model, "--images", images, "--calibration", cal, "--out", tmp_path / "q2", "--layers", "3")
+    assert res.exit_code == 2 and "calibration" in res.output
+    assert not (tmp_path / "q2" / "layers.parquet").exists()
+
+
+def test_qc_and_calibrate_read_a_finished_run(files, calibrated, tmp_path):
+    from segability.batch import analyze_files
+
+    _, images, labels, model = files
+    cal, _ = calibrated
+    run = tmp_path / "run"
+    analyze_files(model, images, labels, out=run, report=False)
+    res = _run("qc", "--run", run, "--calibration", cal, "--no-report")
+    assert res.exit_code == 0, res.output
+    table = read_table(run / "qc.csv", QC)
+    assert len(table) == 16 and set(table["status"]) <= {s.value for s in GateStatus}
+    # the same gate as analysing the files again
+    out = tmp_path / "again"
+    assert _run("qc", "--model", model, "--images", images, "--calibration", cal, "--out", out, "--no-report",
+                "--no-progress", "--layers", "*").exit_code == 0
+    again = read_table(out / "qc.csv", QC)
+    pd.testing.assert_frame_equal(table[["image", "estimated_dice", "status"]], again[["image", "estimated_dice", "status"]])
+    # a finished run fixes what was analysed
+    res = _run("qc", "--run", run, "--calibration", cal, "--layers", "1", "--force", "--no-report")
+    assert res.exit_code == 2 and "--layers" in res.output
+    refit = tmp_path / "refit.json"
+    res = _run("calibrate", "--run", run, "--out", refit)
+    assert res.exit_code == 0, res.output
+    assert json.loads(refit.read_text())["parameters"] == json.loads(cal.read_text())["parameters"]

@@ -9,8 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from segability.analysis.results import QC, read_table
 from segability.cli.app import app
 from segability.demo import DemoConfig, decoder_start, layer_findings, run_demo
+from segability.estimation import GateStatus
 from segability.models import file_sha256, load_reference_model, reference_card, reference_paths
 from segability.train import TrainConfig, train_reference
 
@@ -66,6 +68,12 @@ def test_reduced_demo_writes_a_complete_run_folder(demo_run):
     assert len(spearman) == 1 and spearman[0]["images"] == "all"
     per_layer = [f for f in findings if isinstance(f, dict) and f["images"] == {"group": ["clean"]}]
     assert per_layer, "the layer findings name the clean images they are computed on"
+    # qc.csv follows the QC schema: every column named by what it holds, a status per verdict
+    qc = read_table(out / "qc.csv", QC)
+    assert {"mean_sa_pred", "input_sa_pred", "dice"} <= set(qc.columns)
+    assert set(qc["status"]) <= {s.value for s in GateStatus}
+    assert (qc["flag"] == (qc["status"] != GateStatus.OK)).all()
+    assert all(r == GateStatus(st).reason for st, r in zip(qc["status"], qc["reason"], strict=True) if st != "failed")
     timing = json.loads((out / "timing.json").read_text())
     assert timing["seconds"]["total"] > 0
     # the summary's correlation is the one measured on the saved table

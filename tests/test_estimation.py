@@ -15,17 +15,20 @@ from hypothesis import strategies as st
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
 
+from segability.analysis.results import QC, layer_means
 from segability.estimation import (
     REASON_EMPTY,
     REASON_LOW_INPUT_SA,
     REASON_MODEL_FAILS,
     REASON_NO_INPUT_SA,
     Calibration,
+    GateStatus,
     MetricUndefinedWarning,
     aurc,
     compare_methods,
     conformal_radius,
     decoder_layers,
+    defined_layers,
     eaurc,
     failure_auroc,
     fingerprint,
@@ -68,10 +71,19 @@ def test_mean_sa_excludes_input_and_averages_by_hand():
     assert mean_sa(t, ["l2"])["b"] == pytest.approx(0.4)
 
 
-def test_mean_sa_undefined_layer_gives_nan_never_a_partial_mean():
-    t = layers_table({"a": {"l1": math.nan, "l2": 0.9}, "b": {"l1": math.nan, "l2": math.nan}})
+def test_mean_sa_skips_undefined_layers_as_the_result_folder_does():
+    """One rule for mean_sa / mean_sa_pred: undefined layers are skipped; no defined layer gives NaN."""
+    t = layers_table({"a": {"input": 0.5, "l1": math.nan, "l2": 0.9, "l3": 0.6},
+                      "b": {"input": 0.4, "l1": math.nan, "l2": math.nan, "l3": math.nan}})
+    t["sa"] = t["sa_pred"] - 0.1
     m = mean_sa(t)
-    assert math.isnan(m["a"]) and math.isnan(m["b"])
+    assert m["a"] == pytest.approx(0.75) and math.isnan(m["b"])
+    assert mean_sa(t, ["l1", "l3"])["a"] == pytest.approx(0.6)
+    # the same numbers as the result folder's definition of the names
+    means = layer_means(t)
+    pd.testing.assert_series_equal(mean_sa(t), means["mean_sa_pred"], check_names=False, check_index_type=False)
+    pd.testing.assert_series_equal(mean_sa(t, column="sa"), means["mean_sa"], check_names=False, check_index_type=False)
+    assert defined_layers(t) == ["l2", "l3"]
 
 
 def test_mean_sa_unknown_layer_lists_close_matches():
@@ -364,35 +376,48 @@ def gate_images() -> pd.DataFrame:
         "mean_sa_pred": [0.9, 0.5, 0.5, math.nan, 0.8, 0.6, 0.5],
         "input_sa": [0.8, 0.3, 0.8, math.nan, 0.7, math.nan, math.nan],
         "input_sa_pred": [0.7, 0.9, 0.2, math.nan, 0.7, 0.3, math.nan],
-        "reason": ["", "", "", "", "", "", ""],
+        "status": ["ok", "ok", "ok", "empty_prediction", "ok", "ok", "ok"],
+        "reason": ["", "", "", "empty prediction: SA against the prediction undefined", "", "", ""],
     })
 
 
 def test_gate_reasons_on_hand_built_table():
     g = quality_gate(gate_images(), linear_cal(radius=0.1, input_threshold=0.5))
-    assert g.columns.tolist()[:3] == ["image", "mean_sa_pred", "input_sa"]
+    assert g.columns.tolist() == [*QC.names, "mean_sa_pred", "input_sa_pred", "input_sa", "input_sa_source"]
     by = g.set_index("image")
-    assert by.flag.to_dict() == {"ok": False, "hard": True, "fails": True, "empty": True, "border": False,
-                                 "nolabel": True, "noinput": True}
+    assert by.status.to_dict() == {"ok": "ok", "hard": "low_input_sa", "fails": "model_fails", "empty": "empty_prediction",
+                                   "border": "ok", "nolabel": "low_input_sa", "noinput": "no_input_sa"}
+    assert by.flag.to_dict() == {k: v != "ok" for k, v in by.status.items()}
     assert by.reason["ok"] == "" and by.reason["border"] == ""
-    # input_sa (with the label) wins over input_sa_pred where it is known.
-    assert by.reason["hard"] == REASON_LOW_INPUT_SA and by.input_sa["hard"] == 0.3
+    # input_sa (with the label) wins over input_sa_pred where it is known; each column holds its own quantity.
+    assert by.reason["hard"] == REASON_LOW_INPUT_SA and by.input_sa["hard"] == 0.3 and by.input_sa_pred["hard"] == 0.9
     assert by.reason["fails"] == REASON_MODEL_FAILS and by.input_sa_source["fails"] == "label"
     assert by.reason["nolabel"] == REASON_LOW_INPUT_SA and by.input_sa_source["nolabel"] == "prediction"
+    assert math.isnan(by.input_sa["nolabel"]) and by.input_sa_pred["nolabel"] == 0.3
     assert by.reason["noinput"] == REASON_NO_INPUT_SA
     assert by.estimated_dice["fails"] == pytest.approx(0.5)
     assert (by.lower["fails"], by.upper["fails"]) == pytest.approx((0.4, 0.6))
+    assert all(by.reason[i] == GateStatus(by.status[i]).reason for i in by.index)  # prose from the status
 
 
-def test_gate_empty_prediction_is_flagged_never_perfect():
+def test_gate_decides_from_the_status_never_from_the_reason_text():
     images = gate_images()
-    images.loc[3, "reason"] = "no target prototype"
     g = quality_gate(images, linear_cal()).set_index("image")
-    assert bool(g.flag["empty"]) and g.reason["empty"].startswith(REASON_EMPTY)
-    assert "no target prototype" in g.reason["empty"]
+    assert bool(g.flag["empty"]) and g.reason["empty"] == REASON_EMPTY  # not repeated from the analysis
     assert g.loc["empty", ["estimated_dice", "lower", "upper"]].isna().all()
-    g2 = quality_gate(gate_images(), linear_cal()).set_index("image")
-    assert g2.reason["empty"] == REASON_EMPTY
+    # prose that looks like an empty prediction does not make one; the status does
+    images.loc[0, "reason"] = "empty prediction: (a note written by hand)"
+    assert quality_gate(images, linear_cal()).set_index("image").status["ok"] == "ok"
+    # a failed image keeps its error as detail; an undefined score of an analysed image is sa_undefined
+    images.loc[1, ["status", "reason", "mean_sa_pred"]] = ["failed", "RuntimeError: CUDA out of memory", math.nan]
+    images.loc[2, ["status", "reason", "mean_sa_pred"]] = ["output_not_finite", "model output contains NaN or Inf", math.nan]
+    g = quality_gate(images, linear_cal()).set_index("image")
+    assert g.status["hard"] == GateStatus.FAILED and g.reason["hard"] == f"{GateStatus.FAILED.reason} (RuntimeError: CUDA out of memory)"
+    assert g.status["fails"] == GateStatus.SA_UNDEFINED and "contains NaN" in g.reason["fails"]
+    assert bool(g.flag["hard"]) and bool(g.flag["fails"])
+    # without a status column every image counts as analysed: an undefined score is sa_undefined
+    g = quality_gate(gate_images().drop(columns="status"), linear_cal()).set_index("image")
+    assert g.status["empty"] == "sa_undefined" and bool(g.flag["empty"])
 
 
 def test_gate_use_lower_and_label_free_input():

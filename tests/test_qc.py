@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import segability
+from segability.analysis.results import QC, read_table, write_table
+from segability.estimation import GateStatus, quality_gate
 from segability.estimation.qc import COMPARISON_COLUMNS, QC_COLUMNS, fit_calibration
 
 
@@ -28,6 +30,20 @@ class SmoothThreshold(nn.Module):
 
     def forward(self, x):
         return self.head(self.drop(self.smooth(x)))
+
+
+class DeepSupervision(SmoothThreshold):
+    """The same network plus a deep-supervision head that only training calls: the analysis
+    captures it (every convolution) and finds it never called in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        features = self.drop(self.smooth(x))
+        out = self.head(features)
+        return (out, self.aux(features)) if self.training else out
 
 
 def _blobs(n: int, noise: np.ndarray, seed: int = 0):
@@ -106,6 +122,7 @@ def test_empty_prediction_is_flagged_not_perfect():
     table, _ = segability.qc(model, x, calibration=cal)
     empty = table.iloc[1:]
     assert empty["flag"].all()
+    assert (empty["status"] == GateStatus.EMPTY_PREDICTION).all()
     assert empty["reason"].str.contains("empty").all()
     assert empty["estimated_dice"].isna().all()
 
@@ -132,3 +149,55 @@ def test_calibration_combines_mean_and_input_sa_and_keeps_it_on_disk(data, tmp_p
     pd.testing.assert_frame_equal(gate_a, gate_b)
     with pytest.raises(ValueError, match="score"):
         fit_calibration(model, res, score="median")
+
+
+def test_a_layer_never_called_in_eval_mode_changes_nothing(data):
+    """Calibration and the gate skip a layer without any defined SA (here a deep-supervision head)
+    and give the numbers of the same network without it."""
+    x, y, _ = data
+    plain, deep = SmoothThreshold(), DeepSupervision()
+    deep.load_state_dict({**plain.state_dict(), **{k: v for k, v in deep.state_dict().items() if k.startswith("aux.")}})
+    res_plain, res_deep = segability.analyze(plain, x, y), segability.analyze(deep, x, y)
+    aux = res_deep.layers[res_deep.layers["layer"] == "aux"]
+    assert (aux["status"] == "not_called").all() and aux["sa_pred"].isna().all()
+    pd.testing.assert_frame_equal(res_deep.images, res_plain.images)  # mean_sa_pred skips the head
+    cal_plain, cal_deep = fit_calibration(plain, res_plain), fit_calibration(deep, res_deep)
+    assert cal_deep.layers == cal_plain.layers == ["smooth", "head"]
+    assert cal_deep.parameters == pytest.approx(cal_plain.parameters)
+    assert cal_deep.combination == pytest.approx(cal_plain.combination)
+    assert (cal_deep.radius, cal_deep.n, cal_deep.input_sa_threshold) == pytest.approx(
+        (cal_plain.radius, cal_plain.n, cal_plain.input_sa_threshold))
+    # the gate, analysing every convolution again (the head included), gives the same table
+    gate_plain, _ = segability.qc(plain, x, calibration=cal_plain, threshold=0.9, layers="auto")
+    gate_deep, _ = segability.qc(deep, x, calibration=cal_deep, threshold=0.9, layers="auto")
+    pd.testing.assert_frame_equal(gate_deep, gate_plain)
+    # and the explicit rule: a calibration that names the head averages only the defined layers
+    with_aux = fit_calibration(deep, res_deep, layers=["smooth", "head", "aux"])
+    assert with_aux.parameters == pytest.approx(cal_plain.parameters)
+
+
+def test_qc_csv_columns_and_status_against_a_hand_made_case(tmp_path):
+    """qc.csv through the QC schema: the columns named by what they hold, one status per verdict."""
+    cal = segability.Calibration("linear", {"slope": 1.0, "intercept": 0.0}, 0.05, 0.1, ["l1", "l2"],
+                                 segability.estimation.fingerprint("h", ["l1", "l2"]), 100, input_sa_threshold=0.5)
+    layers = pd.DataFrame({
+        "image": ["good"] * 3 + ["hard"] * 3 + ["broken"] * 3 + ["empty"] * 3,
+        "layer": ["input", "l1", "l2"] * 4,
+        "sa_pred": [0.8, 0.9, 0.7, 0.2, 0.3, np.nan, 0.9, 0.5, 0.3, np.nan, np.nan, np.nan],
+    })
+    images = pd.DataFrame({"image": ["good", "hard", "broken", "empty"], "input_sa": np.nan,
+                           "input_sa_pred": [0.8, 0.2, 0.9, np.nan], "status": ["ok", "ok", "ok", "empty_prediction"]})
+    gate = quality_gate(images, cal, layers=layers, input_column="input_sa_pred")
+    write_table(gate, tmp_path / "qc.csv", QC)
+    back = read_table(tmp_path / "qc.csv", QC).set_index("image")
+    assert list(back.reset_index().columns) == QC_COLUMNS
+    assert back["status"].to_dict() == {"good": "ok", "hard": "low_input_sa", "broken": "model_fails",
+                                        "empty": "empty_prediction"}
+    assert back["flag"].to_dict() == {"good": False, "hard": True, "broken": True, "empty": True}
+    # mean_sa_pred over the calibration's layers, the undefined l2 of "hard" skipped: 0.8, 0.3, 0.4
+    assert back["mean_sa_pred"].to_dict() == pytest.approx({"good": 0.8, "hard": 0.3, "broken": 0.4, "empty": np.nan},
+                                                           nan_ok=True)
+    assert back["estimated_dice"]["broken"] == pytest.approx(0.4)
+    assert back["input_sa_pred"]["hard"] == 0.2 and np.isnan(back["input_sa"]["hard"])
+    assert back["input_sa_source"]["hard"] == "prediction"
+    assert back["reason"]["broken"] == GateStatus.MODEL_FAILS.reason and back["reason"]["good"] == ""

@@ -32,26 +32,40 @@ from segability.estimation.gate import (
     REASON_LOW_INPUT_SA,
     REASON_MODEL_FAILS,
     REASON_NO_INPUT_SA,
+    GateStatus,
     quality_gate,
 )
 from segability.estimation.qc import (
     QCEvaluation,
     baseline_scores,
+    compare_qc,
     evaluate_qc,
     fit_calibration,
+    gate_result,
     method_scores,
     qc,
+    stream_baseline_scores,
 )
-from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa, select_layers
+from segability.estimation.selection import (
+    decoder_layers,
+    defined_layers,
+    layer_spearman,
+    mean_sa,
+    select_layers,
+)
 
 __all__ = [
     "qc",
+    "gate_result",
     "evaluate_qc",
+    "compare_qc",
+    "stream_baseline_scores",
     "fit_calibration",
     "baseline_scores",
     "method_scores",
     "QCEvaluation",
     "mean_sa",
+    "defined_layers",
     "select_layers",
     "decoder_layers",
     "layer_spearman",
@@ -60,6 +74,7 @@ __all__ = [
     "fingerprint",
     "state_dict_hash",
     "quality_gate",
+    "GateStatus",
     "REASON_EMPTY",
     "REASON_LOW_INPUT_SA",
     "REASON_MODEL_FAILS",

@@ -2,14 +2,16 @@
 
 :func:`qc` runs the analysis on unlabelled images and applies a saved :class:`Calibration`;
 :func:`evaluate_qc` measures every method (SA-based and baselines) on labelled images: calibrate on
-one part of the images (split by source), evaluate on the rest, repeat over seeds.
+one part of the images (split by source), evaluate on the rest, repeat over seeds. Both take
+tensors; the command line runs the same steps on files (:func:`gate_result`, :func:`compare_qc`,
+:func:`stream_baseline_scores` on a result folder of :func:`segability.batch.analyze_files`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import INPUT, SAResult, analyze, model_probabilities
+from segability.analysis import INPUT, SAResult, analyze, model_probabilities, output_tensor
 from segability.capture import eval_mode
 from segability.estimation.baselines import (
     boundary_confidence,
@@ -36,21 +38,25 @@ from segability.estimation.evaluation import (
     pearson,
     spearman,
 )
-from segability.estimation.gate import quality_gate
-from segability.estimation.selection import decoder_layers, layer_spearman, mean_sa
+from segability.estimation.gate import GATE_COLUMNS, quality_gate
+from segability.estimation.selection import decoder_layers, defined_layers, layer_spearman, mean_sa
 
 __all__ = [
     "QC_COLUMNS",
     "COMPARISON_COLUMNS",
     "QCEvaluation",
     "baseline_scores",
+    "stream_baseline_scores",
+    "windowed",
     "method_scores",
     "qc",
+    "gate_result",
     "evaluate_qc",
+    "compare_qc",
     "fit_calibration",
 ]
 
-QC_COLUMNS = ["image", "mean_sa_pred", "input_sa", "estimated_dice", "lower", "upper", "flag", "reason"]
+QC_COLUMNS = GATE_COLUMNS  # qc.csv: the QC schema's columns, then the scores the gate used
 COMPARISON_COLUMNS = ["method", "spearman", "pearson", "mae", "aurc", "eaurc", "auroc"]
 SINGLE_PASS = ("entropy", "max_prob_foreground", "boundary_confidence")
 
@@ -109,6 +115,79 @@ def baseline_scores(
     return table
 
 
+def stream_baseline_scores(
+    model: nn.Module,
+    items: Iterable[tuple[str, torch.Tensor]],
+    *,
+    progress: Callable[[int], None] | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`baseline_scores` over ``(image id, image (C, *S))`` pairs, one image at a time.
+
+    Images of any size, read lazily (a generator over files keeps one image in memory).
+
+    Args:
+        model: the network.
+        items: ``(id, image)`` pairs.
+        progress: called with 1 after each image.
+        **kwargs: passed to :func:`baseline_scores` (``output``, ``target``, ``tta``, ...).
+
+    Example:
+        >>> net = nn.Conv2d(1, 1, 1)
+        >>> t = stream_baseline_scores(net, [("a", torch.rand(1, 8, 8)), ("b", torch.rand(1, 8, 8))], tta=False)
+        >>> t["image"].tolist()
+        ['a', 'b']
+    """
+    tables = []
+    for image_id, image in items:
+        tables.append(baseline_scores(model, image[None], ids=[str(image_id)], batch_size=1, **kwargs))
+        if progress is not None:
+            progress(1)
+    if not tables:
+        return pd.DataFrame({"image": pd.Series([], dtype=object)})
+    return pd.concat(tables, ignore_index=True)
+
+
+class _Windowed(nn.Module):
+    """The model run in sliding windows over a whole volume (MONAI ``sliding_window_inference``)."""
+
+    def __init__(self, model: nn.Module, roi_size: Sequence[int], overlap: float, sw_batch_size: int, output_key: str | None):
+        super().__init__()
+        self.model = model
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.overlap = float(overlap)
+        self.sw_batch_size = int(sw_batch_size)
+        self.output_key = output_key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        spatial = x.shape[2:]
+        if len(self.roi_size) != len(spatial):
+            raise ValueError(f"roi_size must give one window size per spatial dim ({len(spatial)}), got {self.roi_size}")
+        roi = tuple(s if r <= 0 or r > s else r for r, s in zip(self.roi_size, spatial, strict=True))
+        return sliding_window_inference(
+            x, roi, self.sw_batch_size, lambda w: output_tensor(self.model(w), self.output_key),
+            overlap=self.overlap, mode="constant",
+        )
+
+
+def windowed(model: nn.Module, roi_size: Sequence[int], *, overlap: float = 0.25, sw_batch_size: int = 1,
+             output_key: str | None = None) -> nn.Module:
+    """``model`` as a module that runs it in sliding windows (the baselines on large volumes).
+
+    The windows and their constant blending are those of the analysis
+    (:func:`segability.analysis.analyze_windows`); a size <= 0 takes the whole axis. The returned
+    module gives the output tensor (``output_key`` already applied); its dropout layers are the model's.
+
+    Example:
+        >>> net = windowed(nn.Conv3d(1, 1, 1), (8, 8, 8))
+        >>> tuple(net(torch.rand(1, 1, 12, 12, 12)).shape)
+        (1, 1, 12, 12, 12)
+    """
+    return _Windowed(model, roi_size, overlap, sw_batch_size, output_key)
+
+
 def method_scores(
     result: SAResult,
     *,
@@ -144,7 +223,8 @@ def fit_calibration(
     Args:
         model: the analysed network (its weights enter the fingerprint).
         result: a labelled analysis of ``model``.
-        layers: layers whose mean ``sa_pred`` is the score (default every analysed layer).
+        layers: layers whose mean ``sa_pred`` is the score (default every analysed layer with a
+            defined ``sa_pred`` on some image: a head the model never calls in eval mode is left out).
         score: ``"mean_sa"`` (the paper's mean SA alone) or ``"mean_sa+input"`` (default: a least
             squares combination of mean SA and the input image's SA, fitted here; measured to rank
             outputs better on the demo's shifted suite, see ``docs/results.md``).
@@ -152,8 +232,9 @@ def fit_calibration(
         alpha: miscoverage of the conformal interval.
         seed: seed of the calibration's random split.
     """
-    hidden = [n for n in result.layers["layer"].unique() if n != INPUT]
-    used = list(layers) if layers is not None else hidden
+    used = list(layers) if layers is not None else defined_layers(result.layers)
+    if not used:
+        raise ValueError("layers: no layer besides the input has a defined SA on these images")
     if result.images["dice"].isna().all():
         raise ValueError("calibration needs labelled images: every dice is NaN (give --labels)")
     if score not in ("mean_sa", "mean_sa+input"):
@@ -180,6 +261,44 @@ def fit_calibration(
     return cal
 
 
+def gate_result(
+    result: SAResult,
+    calibration: Calibration,
+    *,
+    threshold: float = 0.75,
+    use_lower: bool = False,
+    failed: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """The label-free quality gate on an analysis: one :data:`QC_COLUMNS` row per image.
+
+    The score is the mean ``sa_pred`` over the calibration's layers; the reason compares the
+    label-free ``input_sa_pred`` (what the calibration's input-SA threshold was taken from).
+
+    Args:
+        result: an analysis of the calibration's model (e.g. ``load_result(run_dir)``).
+        calibration: the :class:`Calibration` (its fingerprint is the caller's to check).
+        threshold: flag below this estimated Dice.
+        use_lower: compare the interval's lower end instead of the estimate.
+        failed: images that have no analysis, by id, with the error: added as rows of status
+            ``failed`` (a batch run lists them in ``errors.csv``).
+
+    Raises:
+        ValueError: the analysis lacks a layer of the calibration.
+    """
+    missing = set(calibration.layers) - set(result.layers["layer"].astype(str))
+    if missing:
+        raise ValueError(f"the calibration uses layers the analysis did not produce: {sorted(missing)[:5]}")
+    gate = quality_gate(
+        result.images, calibration, threshold=threshold, use_lower=use_lower, layers=result.layers,
+        input_column="input_sa_pred",
+    )
+    if failed:
+        from segability.estimation.gate import failed_rows
+
+        gate = pd.concat([gate, failed_rows(list(failed), list(failed.values()))], ignore_index=True)
+    return gate[QC_COLUMNS]
+
+
 def qc(
     model: nn.Module,
     images: Any,
@@ -197,24 +316,20 @@ def qc(
         calibration: a :class:`Calibration` (e.g. ``Calibration.load("calibration.json")``).
         threshold: flag below this estimated Dice.
         use_lower: compare the interval's lower end instead of the estimate.
-        **analyze_kwargs: passed to :func:`segability.analyze` (``batch_size``, ``device``, ...).
+        **analyze_kwargs: passed to :func:`segability.analyze` (``batch_size``, ``device``, ...);
+            ``layers`` defaults to the calibration's layers.
 
     Returns:
-        ``(qc table with QC_COLUMNS, the analysis result)``.
+        ``(qc table with QC_COLUMNS, the analysis result)``; write the table with
+        ``segability.analysis.results.write_table(table, path, QC)``.
 
     Raises:
         ValueError: the calibration was made for another model or layer set.
     """
     calibration.check_fingerprint(fingerprint(state_dict_hash(model), calibration.layers))
+    analyze_kwargs.setdefault("layers", list(calibration.layers))
     result = analyze(model, images, **analyze_kwargs)
-    missing = set(calibration.layers) - set(result.layers["layer"])
-    if missing:
-        raise ValueError(f"the calibration uses layers the analysis did not produce: {sorted(missing)[:5]}")
-    gate = quality_gate(
-        result.images, calibration, threshold=threshold, use_lower=use_lower, layers=result.layers,
-        input_column="input_sa_pred",
-    )
-    return gate[QC_COLUMNS], result
+    return gate_result(result, calibration, threshold=threshold, use_lower=use_lower), result
 
 
 @dataclass
@@ -303,10 +418,47 @@ def evaluate_qc(
         result = analyze(model, images, labels, ids=ids, batch_size=batch_size, device=device, progress=progress, **analyze_kwargs)
     if result.images["dice"].isna().all():
         raise ValueError("evaluate_qc needs labelled images: every Dice is NaN")
-    base = baseline_scores(model, images, ids=ids, tta=tta, mc_dropout=mc_dropout, batch_size=batch_size, device=device)
+    readout = {k: analyze_kwargs[k] for k in ("output", "target", "output_key") if k in analyze_kwargs}
+    base = baseline_scores(model, images, ids=ids, tta=tta, mc_dropout=mc_dropout, batch_size=batch_size, device=device, **readout)
+    return compare_qc(
+        result, base, sources=None if sources is None else dict(zip(ids, map(str, sources), strict=True)),
+        seeds=seeds, calibration_fraction=calibration_fraction, threshold=threshold,
+    )
+
+
+def compare_qc(
+    result: SAResult,
+    baselines: pd.DataFrame,
+    *,
+    sources: dict[str, str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    calibration_fraction: float = 0.5,
+    threshold: float = 0.75,
+) -> QCEvaluation:
+    """The comparison of :func:`evaluate_qc` on tables: a labelled analysis and the baselines' scores.
+
+    Args:
+        result: a labelled analysis (``load_result(run_dir)`` or :func:`segability.analyze`).
+        baselines: :func:`baseline_scores` / :func:`stream_baseline_scores` of the same images.
+        sources: the source of each image id (default: the image itself); images of one source
+            stay on one side of every split.
+        seeds, calibration_fraction, threshold: as in :func:`evaluate_qc`.
+
+    Returns:
+        :class:`QCEvaluation`.
+
+    Raises:
+        ValueError: no labelled image, or a bad ``calibration_fraction``.
+    """
+    if not 0 < calibration_fraction < 1:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    if result.images["dice"].isna().all():
+        raise ValueError("evaluate_qc needs labelled images: every Dice is NaN")
+    ids = result.images["image"].astype(str).tolist()
     sa = method_scores(result)
-    scores = result.images[["image", "dice"]].merge(sa, on="image").merge(base, on="image")
-    src = pd.Series(list(sources) if sources is not None else ids, index=ids)
+    base = baselines.assign(image=baselines["image"].astype(str))
+    scores = result.images[["image", "dice"]].astype({"image": str}).merge(sa, on="image").merge(base, on="image")
+    src = pd.Series([(sources or {}).get(i, i) for i in ids], index=ids)
     layers = result.layers[result.layers["layer"] != INPUT]
     rows = []
     for seed in seeds:

@@ -22,6 +22,7 @@ __all__ = [
     "INPUT_LAYER",
     "Role",
     "mean_sa",
+    "defined_layers",
     "select_layers",
     "decoder_layers",
     "layer_roles",
@@ -91,9 +92,13 @@ def mean_sa(
 ) -> pd.Series:
     """Mean SA per image over a set of layers.
 
-    An image whose score is undefined (NaN) in any used layer gets NaN: the usual cause is an empty
-    prediction (no target prototype), which must never look like a good image, and a mean over
-    the remaining layers would mix different layer sets between images.
+    The rule of :func:`segability.analysis.results.layer_means`, the one definition of
+    ``mean_sa`` / ``mean_sa_pred``: undefined (NaN) scores are skipped, and an image with no
+    defined score in any used layer gets NaN. A layer the model never calls in eval mode (a deep
+    supervision head) is undefined for every image and so changes no mean; an empty prediction
+    leaves every layer undefined, so its image is NaN and never looks like a good one. With
+    ``layers_used=None`` and ``column`` ``"sa"`` / ``"sa_pred"`` the result equals that function's
+    ``mean_sa`` / ``mean_sa_pred``.
 
     Args:
         layers: the ``layers`` table of an analysis run (columns ``image``, ``layer``, ``column``).
@@ -113,6 +118,9 @@ def mean_sa(
         ...                   "sa_pred": [0.2, 0.6, 0.8]})
         >>> mean_sa(t).round(3).to_dict()
         {'a': 0.7}
+        >>> t.loc[2, "sa_pred"] = float("nan")  # c2 undefined: skipped
+        >>> mean_sa(t).round(3).to_dict()
+        {'a': 0.6}
     """
     _require_columns(layers, ["image", "layer", column], "layers")
     known = _layer_order(layers)
@@ -128,14 +136,32 @@ def mean_sa(
     rows = layers[layers["layer"].astype(str).isin(used)]
     values = pd.to_numeric(rows[column], errors="coerce").astype(float)
     images = rows["image"].astype(str)
-    grouped = values.groupby(images, sort=False)
-    out = grouped.mean().where(grouped.count() == grouped.size())
+    out = values.groupby(images, sort=False).mean()  # skips NaN; all-NaN gives NaN (as layer_means)
     # Images that have no row in the used layers still get an (undefined) entry.
     all_images = list(dict.fromkeys(layers["image"].astype(str)))
     out = out.reindex(all_images)
     out.index.name = "image"
     out.name = f"mean_{column}"
     return out
+
+
+def defined_layers(layers: pd.DataFrame, column: str = "sa_pred") -> list[str]:
+    """The layers besides ``"input"`` whose ``column`` is defined for at least one image, in forward order.
+
+    A layer that is never defined (a head the model does not call in eval mode, an output that
+    cannot be read as features) adds nothing to any mean; a calibration leaves it out of its layer set.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"image": ["a"] * 3, "layer": ["input", "c1", "aux"],
+        ...                   "sa_pred": [0.2, 0.6, float("nan")]})
+        >>> defined_layers(t)
+        ['c1']
+    """
+    _require_columns(layers, ["image", "layer", column], "layers")
+    values = pd.to_numeric(layers[column], errors="coerce").astype(float)
+    defined = set(layers.loc[np.isfinite(values.to_numpy()), "layer"].astype(str))
+    return [n for n in _layer_order(layers) if n != INPUT_LAYER and n in defined]
 
 
 def _layer_names(layers: pd.DataFrame | Sequence[str], name: str = "layers") -> list[str]:

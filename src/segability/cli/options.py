@@ -1,0 +1,208 @@
+"""The command-line options every file-analysing command shares, in one place.
+
+``segability calibrate``, ``qc`` and ``evaluate-qc`` (and, later, ``analyze``) take the same flags
+for the model (``--model``, ``--weights``, ``--model-arg``, ``--trust-pickle``), the files
+(``--images``, ``--labels``, ``--label-suffix``, ``--preprocess``), what to analyse (``--layers``,
+``--target``, ``--output``, ``--output-key``, ``--mask``), large volumes (``--roi-size``,
+``--overlap``, ``--sw-batch-size``) and where to run (``--engine``, ``--ray-address``,
+``--workers``, ``--gpus-per-worker``, ``--device``). :func:`file_options` adds them to a command
+and hands it one :class:`FileOptions`; :meth:`FileOptions.analyze_files_kwargs` turns that into
+the arguments of :func:`segability.batch.analyze_files`. Each option's type, flag and help text are
+written once, here (:data:`SHARED`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from segability.cli.console import flag
+
+__all__ = ["FileOptions", "SHARED", "ANALYSIS_FIELDS", "file_options", "split_list"]
+
+MODEL_HELP = (
+    "Model factory: path/to/file.py:factory or package.module:factory (or a whole pickled model file, "
+    "with --trust-pickle)."
+)
+
+
+def _option(kind: Any, *decls: str, help: str) -> Any:  # noqa: A002 - typer's keyword
+    return Annotated[kind, typer.Option(*decls, help=help)]
+
+
+# name -> (annotation with its typer.Option, default). Order = order in --help.
+SHARED: dict[str, tuple[Any, Any]] = {
+    "model": (_option(str | None, "--model", help=MODEL_HELP), None),
+    "weights": (_option(Path | None, "--weights", help="State dict file (torch.save(model.state_dict())), read with "
+                        "weights_only=True; a checkpoint with a 'state_dict' or 'model' entry works too."), None),
+    "model_arg": (_option(list[str] | None, "--model-arg", help="key=value keyword argument of the factory (repeatable); "
+                          "values are read as JSON/Python literals."), None),
+    "trust_pickle": (_option(bool, "--trust-pickle", help="Allow unpickling whole models. Unpickling can execute "
+                             "arbitrary code: only for files you trust."), False),
+    "images": (_option(str | None, "--images", help="Folder of images, glob pattern ('scans/**/*.nii.gz') or one file. "
+                       "DICOM series: one sub-folder each."), None),
+    "labels": (_option(str | None, "--labels", help="Folder (or glob) of labels, paired with images by file name stem."), None),
+    "label_suffix": (_option(str, "--label-suffix", help="Text after the image stem in label names, e.g. '_seg'."), ""),
+    "layers": (_option(list[str] | None, "--layers", help="Layer names or glob patterns (repeatable or comma-separated); "
+                       "default every convolution. See `segability layers`."), None),
+    "preprocess": (_option(str | None, "--preprocess", help="Preprocessing: a JSON/YAML config (orientation, spacing, "
+                           "intensity, size) or file.py:fn."), None),
+    "target": (_option(int | None, "--target", help="Target class of a K-channel output or a multi-class label (default 1)."), None),
+    "output": (_option(str, "--output", help="How to read the model output: auto, sigmoid, softmax or probabilities."), "auto"),
+    "output_key": (_option(str | None, "--output-key", help="Key of the output when the model returns a dict."), None),
+    "mask": (_option(str | None, "--mask", help="'nonzero': only pixels where the image is non-zero shape the prototypes."), None),
+    "roi_size": (_option(str | None, "--roi-size", help="Sliding-window size for large volumes, e.g. 96,96,96 "
+                         "(scores accumulated over windows)."), None),
+    "overlap": (_option(float, "--overlap", help="Sliding-window overlap in [0, 1)."), 0.25),
+    "sw_batch_size": (_option(int, "--sw-batch-size", help="Windows per forward pass."), 1),
+    "engine": (_option(str, "--engine", help="local (this process) or ray (Ray Data actors; pip install 'segability[ray]')."), "local"),
+    "ray_address": (_option(str | None, "--ray-address", help="Address of an existing Ray cluster (default: a local Ray "
+                            "for this run)."), None),
+    "workers": (_option(int | None, "--workers", help="Ray actors (default: every CPU, or every GPU / --gpus-per-worker)."), None),
+    "gpus_per_worker": (_option(float, "--gpus-per-worker", help="GPUs per Ray actor; > 0 runs the actors on CUDA."), 0.0),
+    "device": (_option(str | None, "--device", help="Device (default cuda when available, else cpu)."), None),
+}  # fmt: skip
+
+# What the analysis computes (as opposed to how and where it runs): fixed by a finished run.
+ANALYSIS_FIELDS = ("images", "labels", "label_suffix", "layers", "preprocess", "target", "output", "output_key", "mask",
+                   "roi_size", "overlap")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    """The shared options of one command call, as given (strings, as typed on the command line)."""
+
+    model: str | None = None
+    weights: Path | None = None
+    model_arg: list[str] | None = None
+    trust_pickle: bool = False
+    images: str | None = None
+    labels: str | None = None
+    label_suffix: str = ""
+    layers: list[str] | None = None
+    preprocess: str | None = None
+    target: int | None = None
+    output: str = "auto"
+    output_key: str | None = None
+    mask: str | None = None
+    roi_size: str | None = None
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+    engine: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+    device: str | None = None
+
+    def given(self, names: tuple[str, ...] = ANALYSIS_FIELDS) -> list[str]:
+        """The flags among ``names`` whose value differs from the default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [flag(n) for n in names if getattr(self, n) not in (defaults[n], [])]
+
+    def layer_list(self) -> list[str] | str:
+        """``--layers`` as a list of names / patterns, or ``"auto"``."""
+        return split_list(self.layers) or "auto"
+
+    def model_args(self) -> dict[str, Any]:
+        """``--model-arg`` parsed.
+
+        Raises:
+            UsageError: a malformed item (argument ``model_args``).
+        """
+        from segability.io import parse_model_args
+
+        with _usage("model_args"):
+            return parse_model_args(self.model_arg, argument="model_args")
+
+    def roi(self) -> tuple[int, ...] | None:
+        """``--roi-size`` parsed.
+
+        Raises:
+            UsageError: not 1-3 integers (argument ``roi_size``).
+        """
+        from segability.io import parse_shape
+
+        if self.roi_size is None:
+            return None
+        with _usage("roi_size"):
+            return parse_shape(self.roi_size, argument="roi_size")
+
+    def analyze_files_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`segability.batch.analyze_files` (``model``, ``images``, ``labels``
+        and the keyword arguments) these options give.
+
+        Raises:
+            UsageError: a malformed ``model_args`` or ``roi_size``.
+        """
+        return {
+            "model": self.model, "images": self.images, "labels": self.labels, "weights": self.weights,
+            "model_args": self.model_args(), "trust_pickle": self.trust_pickle, "layers": self.layer_list(),
+            "output": self.output, "target": self.target, "mask": self.mask, "output_key": self.output_key,
+            "preprocess": self.preprocess, "label_suffix": self.label_suffix, "roi_size": self.roi(),
+            "overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "engine": self.engine,
+            "ray_address": self.ray_address, "workers": self.workers, "gpus_per_worker": self.gpus_per_worker,
+            "device": self.device,
+        }  # fmt: skip
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """Repeatable, comma-separated values as one list: ``["a,b", "c"]`` -> ``["a", "b", "c"]``.
+
+    Example:
+        >>> split_list(["enc.*, dec.1", "head"])
+        ['enc.*', 'dec.1', 'head']
+    """
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+@contextlib.contextmanager
+def _usage(argument: str) -> Iterator[None]:
+    """A ``ValueError`` of a parser is a usage error of ``argument``."""
+    from segability.errors import UsageError
+
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc), argument=argument) from exc
+
+
+def file_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a typer command every :data:`SHARED` option; it receives them as ``files: FileOptions``.
+
+    The command's own parameters come first in ``--help``, then the shared ones.
+
+    Example:
+        >>> app = typer.Typer()
+        >>> @app.command()
+        ... @file_options
+        ... def run(files: FileOptions, out: Path = typer.Option(..., "--out")) -> None:
+        ...     print(files.model, out)
+    """
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "files"]
+    clash = [p.name for p in own if p.name in SHARED]
+    if clash:
+        raise TypeError(f"{command.__name__} defines shared options itself: {clash}")
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in SHARED.items()
+    ]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        files = FileOptions(**{name: kwargs.pop(name) for name in SHARED})
+        return command(files=files, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
+    return wrapper
