@@ -17,7 +17,9 @@ from PIL import Image
 
 import segability
 from data_factories import blob, make_nifti_folder, make_png_folder, write_model_file
+from segability.analysis.results import ERRORS, read_table
 from segability.batch import analyze_files, analyze_windows, safe_name
+from segability.errors import UsageError
 from segability.io import load_model
 
 PNG_SCALE = {"intensity": {"range": [0, 255]}}  # PNG 0..255 -> 0..1, what the test nets expect
@@ -80,19 +82,28 @@ def test_safe_name_is_safe_and_tells_ids_apart(a, b):
 
 
 def test_local_engine_never_imports_ray():
-    source = Path(segability.batch.__file__).read_text()
-    tree = ast.parse(source)
-    owners = {}
-    for func in ast.walk(tree):
-        if isinstance(func, ast.FunctionDef):
-            for node in ast.walk(func):
-                owners.setdefault(id(node), func.name)
-    ray_imports = [
-        n for n in ast.walk(tree)
-        if isinstance(n, (ast.Import, ast.ImportFrom))
-        and any(a.name.split(".")[0] == "ray" for a in n.names) | (getattr(n, "module", "") or "").startswith("ray")
-    ]  # fmt: skip
-    assert ray_imports and all(owners.get(id(n)) == "_run_ray" for n in ray_imports)
+    """Ray is imported inside the Ray engine's functions only (engines.py), never at module level."""
+    package = Path(segability.batch.__file__).parent
+    found = {}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        owners = {}
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef):
+                for node in ast.walk(func):
+                    owners.setdefault(id(node), func.name)
+        for n in ast.walk(tree):
+            if isinstance(n, (ast.Import, ast.ImportFrom)) and (
+                any(a.name.split(".")[0] == "ray" for a in n.names) or (getattr(n, "module", "") or "").split(".")[0] == "ray"
+            ):
+                found.setdefault(path.name, set()).add(owners.get(id(n)))
+    assert found == {"engines.py": {"run_ray", "_ray_session", "_no_ray_progress_bars"}}
+
+
+def test_modules_stay_small():
+    package = Path(segability.batch.__file__).parent
+    sizes = {p.name: len(p.read_text().splitlines()) for p in package.glob("*.py")}
+    assert max(sizes.values()) <= 400, sizes
 
 
 # ------------------------------------------------------------------------------- sliding windows
@@ -163,12 +174,15 @@ def test_window_arguments_are_checked(nets):
 def test_local_run_matches_direct_analysis(reference_run, nets, pngs):
     out, summary = reference_run
     images, labels = pngs
-    assert (summary.n_images, summary.n_ok, summary.n_failed, summary.exit_code) == (5, 4, 1, 1)
+    assert (summary.n_images, summary.n_ok, summary.n_failed) == (5, 4, 1)
+    assert not hasattr(summary, "exit_code")  # the library does not speak CLI
     assert [Path(p).name for p in summary.unpaired_labels] == ["orphan.png"] and summary.unpaired_images == []
-    errors = pd.read_csv(out / "errors.csv")
-    assert list(errors.columns) == ["file", "error"]
-    assert [Path(f).name for f in errors["file"]] == ["broken.png"]
+    errors = read_table(out / "errors.csv", ERRORS)
+    assert list(errors.columns) == ["file", "stage", "error", "traceback"]
+    assert [Path(f).name for f in errors["file"]] == ["broken.png"] and errors["stage"].item() == "read"
     assert "broken.png cannot be read by PILReader" in errors["error"].item()
+    assert errors["traceback"].item().startswith("Traceback (most recent call last):")
+    assert "broken.png cannot be read by PILReader" in errors["traceback"].item().splitlines()[-1]
     res = segability.load_result(out)
     for frame in (res.layers, res.images, res.units):
         assert "broken.png" not in set(frame["image"])  # the corrupt file is in errors.csv only
@@ -223,11 +237,12 @@ def test_existing_results_need_resume_or_force(reference_run, nets, pngs, tmp_pa
     run = tmp_path / "again"
     shutil.copytree(out, run)
     kwargs = dict(preprocess=PNG_SCALE, report=False)
-    with pytest.raises(FileExistsError, match="--resume .* or --force"):
+    with pytest.raises(FileExistsError, match="resume=True .* or force=True"):
         analyze_files(f"{nets}:tiny_net", pngs[0], pngs[1], out=run, **kwargs)
-    with pytest.raises(ValueError, match="--resume and --force exclude each other"):
+    with pytest.raises(UsageError, match="resume=True and force=True exclude each other") as info:
         analyze_files(f"{nets}:tiny_net", pngs[0], pngs[1], out=run, resume=True, force=True, **kwargs)
-    with pytest.raises(ValueError, match=r"--resume: .* other settings \(units: True -> False"):
+    assert info.value.argument == "resume"
+    with pytest.raises(UsageError, match=r"resume: .* other inputs or settings \(units: True -> False\)"):
         analyze_files(f"{nets}:tiny_net", pngs[0], pngs[1], out=run, resume=True, units=False, keep_maps=2, **kwargs)
     (run / "keep.txt").write_text("a file of the user's: never deleted")
     summary = analyze_files(f"{nets}:tiny_net", pngs[0], None, out=run, force=True, **kwargs)
@@ -243,8 +258,10 @@ def test_model_failure_is_recorded_and_the_run_goes_on(nets, tmp_path):
         np.save(folder / name, np.random.default_rng(0).random(shape).astype(np.float32))
     summary = analyze_files(f"{nets}:fails_on_big", folder, out=tmp_path / "run", model_args={"limit": 40}, report=False)
     assert (summary.n_ok, summary.n_failed) == (2, 1)
-    err = summary.errors.set_index("file")["error"]
-    assert re.fullmatch(r"analysis failed: RuntimeError: input \(1, 1, 48, 48\) is too big for this model", err[str(folder / "big.npy")])
+    err = summary.errors.set_index("file").loc[str(folder / "big.npy")]
+    assert err["stage"] == "model"
+    assert re.fullmatch(r"RuntimeError: input \(1, 1, 48, 48\) is too big for this model", err["error"])
+    assert "in forward" in err["traceback"] and err["traceback"].rstrip().endswith("is too big for this model")
     assert sorted(segability.load_result(tmp_path / "run").images["image"]) == ["small.npy", "small2.npy"]
 
 
@@ -263,15 +280,23 @@ def test_windowed_folder_run_equals_whole_volume_run(nets, tmp_path):
 
 
 def test_bad_arguments_are_usage_errors(nets, pngs, tmp_path):
-    args = (f"{nets}:tiny_net", pngs[0])
-    with pytest.raises(ValueError, match="--workers: the local engine"):
-        analyze_files(*args, out=tmp_path / "a", workers=2)
-    with pytest.raises(ValueError, match="--images: .* does not exist"):
-        analyze_files(f"{nets}:tiny_net", tmp_path / "none", out=tmp_path / "a")
-    with pytest.raises(ValueError, match="no layer named 'decoder'"):
-        analyze_files(*args, out=tmp_path / "a", layers=["decoder"])
-    with pytest.raises(ValueError, match="--guide label needs --labels"):
-        analyze_files(*args, out=tmp_path / "a", guide="label")
+    cases = [
+        (dict(workers=2), "workers", "workers: the local engine"),
+        (dict(images=tmp_path / "none"), "images", "images: .* does not exist"),
+        (dict(layers=["decoder"]), "layers", "no layer named 'decoder'"),
+        (dict(guide="label"), "labels", "labels must be given with guide='label'"),
+        (dict(target=-1), "target", "target must be an integer >= 0"),
+        (dict(engine="spark"), "engine", 'engine must be "local" or "ray"'),
+        (dict(gpus_per_worker=1.0), "gpus_per_worker", "gpus_per_worker needs engine='ray'"),
+        (dict(mask="otsu"), "mask", "mask must be"),
+        (dict(roi_size=(8, 8), overlap=1.0), "overlap", r"overlap must be a number in \[0, 1\)"),
+        (dict(keep_maps=-1), "keep_maps", "keep_maps must be an integer >= 0"),
+    ]
+    for kwargs, argument, message in cases:
+        given = {"images": pngs[0], **kwargs}
+        with pytest.raises(UsageError, match=message) as info:
+            analyze_files(f"{nets}:tiny_net", given.pop("images"), out=tmp_path / "a", **given)
+        assert info.value.argument == argument, (kwargs, info.value)
     assert not (tmp_path / "a").exists()  # nothing written before the arguments are checked
 
 
@@ -286,11 +311,18 @@ def ray_session():
 
 def test_ray_engine_gives_the_local_tables(ray_session, reference_run, nets, pngs, tmp_path):
     out, _ = reference_run
+    import ray.data
+
+    bars = ray.data.DataContext.get_current().enable_progress_bars
     summary = analyze_files(
         f"{nets}:tiny_net", pngs[0], pngs[1], out=tmp_path / "ray", preprocess=PNG_SCALE, units=True, keep_maps=2,
         engine="ray", workers=2, report=False,
     )  # fmt: skip
     assert (summary.n_ok, summary.n_failed) == (4, 1)
+    assert ray_session.is_initialized()  # a session that was running is left alone
+    assert ray_session.data.DataContext.get_current().enable_progress_bars is bars  # the global context as it was
     assert_same_tables(out, tmp_path / "ray")
-    assert list(pd.read_csv(tmp_path / "ray" / "errors.csv")["file"]) == list(pd.read_csv(out / "errors.csv")["file"])
+    ray_errors, local_errors = read_table(tmp_path / "ray" / "errors.csv", ERRORS), read_table(out / "errors.csv", ERRORS)
+    pd.testing.assert_frame_equal(ray_errors.drop(columns="traceback"), local_errors.drop(columns="traceback"))
+    assert "PILReader" in ray_errors["traceback"].item()  # the worker's traceback crosses the Ray boundary
     assert segability.load_result(tmp_path / "ray").settings["engine"] == "ray"

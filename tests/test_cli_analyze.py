@@ -198,3 +198,93 @@ def test_killed_run_resumes_to_the_tables_of_a_full_run(nets, data, tmp_path):
     for name in ("layers", "images", "units"):
         pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_exact=False, atol=1e-6, rtol=0, obj=name)
     assert pd.read_csv(out / "errors.csv").equals(pd.read_csv(tmp_path / "full" / "errors.csv"))
+
+
+# ------------------------------------------------------------------------ up-front checks, exits
+def test_target_is_checked_before_the_run(nets, data, tmp_path):
+    out = tmp_path / "t"
+    negative = run(*analyze_args(nets, data, out, "--target", "-1", images="clean", labels="clean_labels"))
+    assert negative.exit_code == 2 and "error: --target must be an integer >= 0" in negative.stderr
+    # 0/1 labels hold no voxel of 5: every Dice would be 0, so the run is refused (issue 13 #8).
+    absent = run(*analyze_args(nets, data, out, "--target", "5", images="clean", labels="clean_labels"))
+    assert absent.exit_code == 2, absent.output
+    assert "error: --target 5 is a value of none of the first labels (case0.png holds [0, 1];" in absent.stderr
+    assert not out.exists()
+    assert run(*analyze_args(nets, data, out, "--target", "1", images="clean", labels="clean_labels")).exit_code == 0
+
+
+def test_keep_maps_must_be_a_number(nets, data, tmp_path):
+    result = run(*analyze_args(nets, data, tmp_path / "k", "--keep-maps", "a"))
+    assert result.exit_code == 2 and "--keep-maps" in result.output
+    assert not (tmp_path / "k").exists()
+
+
+def test_force_without_report_leaves_no_stale_report(nets, data, tmp_path, monkeypatch):
+    import segability.report as report
+
+    out = tmp_path / "r"
+    monkeypatch.setattr(report, "build_report", lambda d: (Path(d) / "report.html").write_text("old") and Path(d) / "report.html")
+    with_report = [a for a in analyze_args(nets, data, out, images="clean", labels="clean_labels") if a != "--no-report"]
+    assert run(*with_report).exit_code == 0 and (out / "report.html").exists()
+    assert run(*analyze_args(nets, data, out, "--force", images="clean", labels="clean_labels")).exit_code == 0
+    assert not (out / "report.html").exists() and (out / "layers.parquet").exists()
+
+
+def test_a_full_disk_is_one_clear_line(nets, data, tmp_path, monkeypatch):
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".parquet"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    result = run(*analyze_args(nets, data, tmp_path / "d", images="clean", labels="clean_labels"))
+    assert result.exit_code == 1, result.output
+    assert "error: no space left on the device to write" in result.stderr and "free some space" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unexpected_errors_exit_1_with_the_traceback_under_debug(nets, data, tmp_path, monkeypatch):
+    import segability.batch.run as batch_run
+
+    def broken(*args, **kwargs):
+        raise KeyError("lost shard")
+
+    monkeypatch.setattr(batch_run, "merge", broken)
+    args = analyze_args(nets, data, tmp_path / "u", images="clean", labels="clean_labels")
+    plain = run(*args)
+    assert plain.exit_code == 1, plain.output
+    assert plain.stderr.strip() == "error: KeyError: 'lost shard' (run with --debug for the traceback)"
+    debug = run(*args, "--resume", "--debug")
+    assert debug.exit_code == 1 and "Traceback (most recent call last)" in debug.stderr and "in broken" in debug.stderr
+
+
+def test_errors_csv_has_stage_and_traceback(nets, data, tmp_path):
+    result = run(*analyze_args(nets, data, tmp_path / "e"))
+    assert result.exit_code == 1
+    errors = pd.read_csv(tmp_path / "e" / "errors.csv", keep_default_na=False)
+    assert list(errors.columns) == ["file", "stage", "error", "traceback"]
+    assert errors["stage"].item() == "read" and errors["error"].item().startswith("ValueError: broken.png cannot be read")
+    assert "reading failed: ValueError: broken.png cannot be read" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argument", "message", "shown"),
+    [
+        ("target", "target must be an integer >= 0 or None, got -1", "--target must be an integer >= 0 or None, got -1"),
+        ("label_suffix", "label_suffix must be a string", "--label-suffix must be a string"),
+        ("images", "images: scans does not exist", "--images: scans does not exist"),
+        ("model_args", "model_args must be key=value", "--model-arg must be key=value"),
+        ("workers", "workers: give engine='ray' for several", "--workers: give --engine 'ray' for several"),
+        ("resume", "resume=True and force=True exclude each other", "--resume and --force exclude each other"),
+        ("labels", "labels must be given with guide='label'", "--labels must be given with --guide 'label'"),
+        (None, "a message about images and targets", "a message about images and targets"),
+        ("--model", "--model: file 'x.py' not found", "--model: file 'x.py' not found"),
+    ],
+)
+def test_usage_message_names_flags(argument, message, shown):
+    from segability.cli.console import usage_message
+    from segability.errors import UsageError
+
+    assert usage_message(UsageError(message, argument=argument)) == shown

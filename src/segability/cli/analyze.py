@@ -7,12 +7,33 @@ codes: 0 every image analysed, 1 some image failed (listed in ``errors.csv``), 2
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 
 from segability.cli.app import app
-from segability.cli.console import fail, literal
+from segability.cli.console import EXIT_FAILED, exit_with, fail, literal, usage_message
+from segability.errors import UsageError
+
+# The stage of a failed image (errors.csv), in words.
+STAGES = {"read": "reading failed", "model": "the model failed", "analysis": "analysis failed",
+          "not_run": "not analysed"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _usage(argument: str) -> Iterator[None]:
+    """A ``ValueError`` of a parser or reader, raised up front, is a usage error of ``argument``."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc), argument=argument) from exc
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -50,8 +71,14 @@ def analyze_command(
     force: bool = typer.Option(False, "--force", help="Delete the results of an earlier run in --out first."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print its traceback."),
 ) -> None:
-    """Analyse every image file of a folder: SA per image and layer, written per image as it finishes."""
+    """Analyse every image file of a folder: SA per image and layer, written per image as it finishes.
+
+    Exit codes: 0 every image analysed; 1 some image failed (listed, and in errors.csv) or the run
+    itself failed; 2 a usage error (bad arguments, files or model; results in --out without
+    --resume / --force; --resume over a run with other inputs or settings).
+    """
     from rich.console import Console
 
     err = Console(stderr=True, soft_wrap=True)
@@ -60,19 +87,24 @@ def analyze_command(
         from segability.batch import analyze_files
         from segability.io import parse_model_args, parse_shape
 
+        with _usage("model_args"):
+            args = parse_model_args(model_arg, argument="model_args")
+        with _usage("roi_size"):
+            roi = None if roi_size is None else parse_shape(roi_size, argument="roi_size")
         summary = analyze_files(
-            model, images, labels, out=out, weights=weights, model_args=parse_model_args(model_arg),
-            trust_pickle=trust_pickle, layers=_split(layers) or "auto", units=units, guide=guide, output=output,
-            target=target, mask=mask, output_key=output_key, preprocess=preprocess, label_suffix=label_suffix,
-            roi_size=None if roi_size is None else parse_shape(roi_size, argument="--roi-size"), overlap=overlap,
+            model, images, labels, out=out, weights=weights, model_args=args, trust_pickle=trust_pickle,
+            layers=_split(layers) or "auto", units=units, guide=guide, output=output, target=target, mask=mask,
+            output_key=output_key, preprocess=preprocess, label_suffix=label_suffix, roi_size=roi, overlap=overlap,
             sw_batch_size=sw_batch_size, keep_maps=keep_maps, engine=engine, ray_address=ray_address, workers=workers,
             gpus_per_worker=gpus_per_worker, device=device, resume=resume, force=force, report=not no_report,
             progress=not no_progress,
         )  # fmt: skip
-    except (ValueError, FileExistsError) as exc:
-        fail(err, exc)
-    except RuntimeError as exc:  # the engine itself failed (e.g. a Ray worker died); shards so far are kept
-        fail(err, exc, code=1)
+    except UsageError as exc:
+        fail(err, usage_message(exc))
+    except FileExistsError as exc:  # --out holds an earlier run
+        fail(err, usage_message(exc, argument="out"))
+    except Exception as exc:  # the run itself failed (a Ray worker died, the disk is full): not a usage error
+        unexpected(err, exc, debug)
     if summary.unpaired_images:
         err.print(f"[yellow]note:[/yellow] {len(summary.unpaired_images)} image(s) without a label (analysed without one): "
                   f"{literal([Path(p).name for p in summary.unpaired_images][:10])}", highlight=False)  # fmt: skip
@@ -80,7 +112,7 @@ def analyze_command(
         err.print(f"[yellow]note:[/yellow] {len(summary.unpaired_labels)} label(s) without an image (ignored): "
                   f"{literal([Path(p).name for p in summary.unpaired_labels][:10])}", highlight=False)  # fmt: skip
     for row in summary.errors.head(10).itertuples(index=False):
-        err.print(f"[red]failed:[/red] {literal(row.file)}: {literal(row.error)}", highlight=False)
+        err.print(f"[red]failed:[/red] {literal(row.file)}: {STAGES.get(row.stage, row.stage)}: {literal(row.error)}", highlight=False)
     if summary.n_failed > 10:
         err.print(f"... and {summary.n_failed - 10} more (see {literal(summary.paths['errors'])})", highlight=False)
     resumed = f", {summary.n_resumed} from an earlier run" if summary.n_resumed else ""
@@ -91,8 +123,21 @@ def analyze_command(
     if "report" in summary.paths:
         console.print(f"Report: {literal(summary.paths['report'])}", highlight=False)
     elif summary.report_error:
-        err.print(f"[yellow]note:[/yellow] the report was not built: {literal(summary.report_error)}", highlight=False)
-    raise typer.Exit(summary.exit_code)
+        err.print(f"[yellow]note:[/yellow] the report was not built: {literal(usage_message(summary.report_error))}", highlight=False)
+    if summary.n_failed:
+        exit_with(EXIT_FAILED)
+
+
+def unexpected(err: Any, exc: Exception, debug: bool) -> NoReturn:
+    """Exit 1 on an error that is no usage error: one line, or with ``--debug`` the traceback."""
+    if debug:
+        err.print(literal("".join(traceback.format_exception(exc))), highlight=False)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        message = exc.strerror or str(exc)  # results.write_atomic says which file and what to do
+    else:
+        message = f"{type(exc).__name__}: {usage_message(exc)}"
+    hint = "" if debug else " (run with --debug for the traceback)"
+    fail(err, f"{message}{hint}", code=EXIT_FAILED)
 
 
 @app.command("layers")
@@ -103,6 +148,7 @@ def layers_command(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling whole models (only for files you trust)."),
     example_shape: str | None = typer.Option(None, "--example-shape", help="Input shape, e.g. 1,1,128,128: run the model once and show each layer's output shape, in call order."),
     device: str = typer.Option("cpu", "--device", help="Device for the example forward pass."),
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print its traceback."),
 ) -> None:
     """List a model's layers (names to give --layers), with output shapes for an example input."""
     from rich.console import Console
@@ -115,14 +161,20 @@ def layers_command(
         from segability import list_layers
         from segability.io import load_model, parse_model_args, parse_shape
 
-        net = load_model(model, weights, trust_pickle=trust_pickle, device=device, model_args=parse_model_args(model_arg))
-        example = None if example_shape is None else torch.zeros(parse_shape(example_shape), device=device)
+        with _usage("model_args"):
+            args = parse_model_args(model_arg, argument="model_args")
+        with _usage("model"):
+            net = load_model(model, weights, trust_pickle=trust_pickle, device=device, model_args=args)
+        with _usage("example_shape"):
+            example = None if example_shape is None else torch.zeros(parse_shape(example_shape, argument="example_shape"), device=device)
         try:
             infos = list_layers(net, example)
         except RuntimeError as exc:
-            raise ValueError(f"--example-shape {example_shape}: the model cannot run on it: {exc}") from exc
-    except ValueError as exc:
-        fail(err, exc)
+            raise UsageError(f"example_shape {example_shape}: the model cannot run on it: {exc}", argument="example_shape") from exc
+    except UsageError as exc:
+        fail(err, usage_message(exc))
+    except Exception as exc:  # not a usage error: one line, or the traceback with --debug
+        unexpected(err, exc, debug)
     table = Table(title=literal(f"{type(net).__name__}: {len(infos)} layers" + ("" if example is None else " (call order)")))
     for col in ("layer", "type", "output shape", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")

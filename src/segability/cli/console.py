@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any, NoReturn
 
-import typer
-
-__all__ = ["EXIT_USAGE", "fail", "literal", "printable"]
+__all__ = ["EXIT_USAGE", "EXIT_FAILED", "exit_with", "fail", "flag", "literal", "printable", "usage_message"]
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 # C0 controls (newline, tab and carriage return included: each moves the cursor), DEL, C1 controls,
 # the Unicode line and paragraph separators, and the bidirectional overrides that reorder a line.
@@ -58,7 +57,65 @@ def literal(text: Any) -> str:
     return escaped
 
 
+# Python arguments whose flag is not ``--`` + the name with dashes.
+_FLAGS = {"model_args": "--model-arg", "report": "--no-report", "progress": "--no-progress"}
+# The arguments a library message may name besides its own (as ``name=value``): the analyze command's.
+_ARGUMENTS = (
+    "model", "weights", "model_args", "trust_pickle", "images", "labels", "label_suffix", "out", "layers", "units",
+    "guide", "output", "target", "mask", "output_key", "preprocess", "roi_size", "overlap", "sw_batch_size",
+    "keep_maps", "engine", "ray_address", "workers", "gpus_per_worker", "device", "resume", "force", "report",
+    "progress", "empty", "example_shape",
+)  # fmt: skip
+
+
+def flag(argument: str) -> str:
+    """The command-line flag of a Python argument: ``label_suffix`` -> ``--label-suffix``.
+
+    Example:
+        >>> flag("label_suffix"), flag("model_args")
+        ('--label-suffix', '--model-arg')
+    """
+    if argument.startswith("-"):  # already a flag
+        return argument
+    return _FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
+def usage_message(err: BaseException, argument: str | None = None) -> str:
+    """A library error's message in the words of the command line.
+
+    The library names Python arguments (:class:`segability.errors.UsageError` carries the one it is
+    about); here the leading argument name becomes its flag (``target must be ...`` -> ``--target
+    must be ...``), and so does every ``name=True`` (``--name``) and ``name=value`` (``--name value``)
+    of a known argument in the text.
+
+    Args:
+        err: the error.
+        argument: the argument when ``err`` carries none (a ``FileExistsError`` about ``out``).
+
+    Example:
+        >>> from segability.errors import UsageError
+        >>> usage_message(UsageError("resume: the run differs; give force=True to start over", argument="resume"))
+        '--resume: the run differs; give --force to start over'
+    """
+    text = str(err)
+    argument = getattr(err, "argument", None) or argument
+    if argument and re.match(rf"{re.escape(argument)}\b(?![=.(\[])", text):
+        text = flag(argument) + text[len(argument) :]
+    names = "|".join(_ARGUMENTS)
+    text = re.sub(rf"(?<![\w.-])({names})=True\b", lambda m: flag(m.group(1)), text)
+    return re.sub(rf"(?<![\w.-])({names})=(?=\S)", lambda m: flag(m.group(1)) + " ", text)
+
+
 def fail(console: Any, message: Any, code: int = EXIT_USAGE) -> NoReturn:
     """Print ``error: message`` (shown literally) on ``console`` and exit with ``code``."""
     console.print(f"[red]error:[/red] {literal(message)}", highlight=False)
-    raise typer.Exit(code)
+    exit_with(code)
+
+
+def exit_with(code: int) -> NoReturn:
+    """End the command with ``code``.
+
+    ``SystemExit``, not ``typer.Exit``: typer's ``Exit`` is an ``Exception`` (a ``RuntimeError``),
+    which the app's error handler would take for a failure of the command.
+    """
+    raise SystemExit(code)
