@@ -141,11 +141,12 @@ QC = Schema(
         Column("upper", "float64", True, doc="upper end of the estimate's interval"),
         Column("flag", "bool", doc="sent to a person for review"),
         Column("status", "string", doc="the gate's status: ok, low_input_sa, model_fails, no_input_sa, "
-               "empty_prediction, failed"),  # fmt: skip
+               "empty_prediction, sa_undefined, failed"),  # fmt: skip
         _REASON,
     ),
     extra=True,
-    doc="the quality gate, one row per image; also the scores it used (mean_sa_pred, input_sa_pred, ...)",
+    doc="the quality gate, one row per image; then the scores it used: mean_sa_pred, input_sa_pred, "
+    "input_sa (label-guided, NaN without label), input_sa_source (which of the two the gate read)",
 )
 HISTORY = Schema(
     "history.csv",
