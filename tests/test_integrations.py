@@ -34,7 +34,7 @@ def hooks(net: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in net.modules())
 
 
-def analyze_means(net: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> pd.DataFrame:
+def analyze_means(net: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, **kw) -> pd.DataFrame:
     res = analyze(net, x, y, batch_size=4, **kw)
     return res.layers.groupby("layer", sort=False)[["sa", "sa_pred"]].mean()
 
@@ -124,6 +124,60 @@ def test_accumulator_without_labels_and_open_hooks_record_only_in_update():
         SAAccumulator(net, guide="labels")
     with pytest.raises(ValueError, match="Close matches"):
         SAAccumulator(net, layers="model.0.cnv")
+
+
+def test_labelled_and_unlabelled_batches_mix_as_in_analyze():
+    """sa from the labelled images only, sa_pred from all: the state keeps both apart."""
+    net = tiny_unet(3).eval()
+    x, y = blobs(6, seed=5)
+    acc = SAAccumulator(net, units=True)
+    acc.update(x[:2], y[:2])
+    acc.update(x[2:])
+    table = acc.table().set_index("layer")
+    labelled = analyze_means(net, x[:2], y[:2])
+    everything = analyze_means(net, x)
+    np.testing.assert_allclose(table.loc[labelled.index, "sa"], labelled["sa"], atol=1e-6)
+    np.testing.assert_allclose(table.loc[everything.index, "sa_pred"], everything["sa_pred"], atol=1e-6)
+    assert (table["images"] == 6).all()
+
+
+def test_outputs_changed_in_place_go_through_a_second_pass_in_the_accumulators_hooks():
+    """ReLU(inplace=True) changes the convolution's output after its hook: the engine scores that
+    layer again in a second forward pass, through the accumulator's own hooks and forward."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 1, 1)).eval()
+    x, y = blobs(4, seed=6)
+    calls = []
+
+    def forward(images):
+        calls.append(len(images))
+        return net(images)
+
+    with SAAccumulator(net, units=True) as acc:
+        acc.update(x, y, forward=forward)
+        assert hooks(net) == 2
+    assert calls == [4, 4] and hooks(net) == 0
+    table = acc.table().set_index("layer")
+    expected = analyze_means(net, x, y)
+    np.testing.assert_allclose(table.loc[expected.index, "sa"], expected["sa"], atol=1e-6)
+    np.testing.assert_allclose(table.loc[expected.index, "sa_pred"], expected["sa_pred"], atol=1e-6)
+
+
+def test_a_failing_forward_raises_and_leaves_no_hook_or_score():
+    net = tiny_unet().eval()
+    x, y = blobs(2)
+    acc = SAAccumulator(net)
+
+    def broken(images):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        acc.update(x, y, forward=broken)
+    assert hooks(net) == 0 and acc.images == 0
+    acc.update(x, y)  # and it goes on
+    assert acc.images == 2
+    with pytest.raises(ValueError, match="mask"):
+        SAAccumulator(net, mask=torch.ones(2, 1, 16, 16))
 
 
 # ----------------------------------------------------------------------------- Lightning

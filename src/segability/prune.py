@@ -15,10 +15,17 @@ says nothing about the ranking.
 
 Zeroing a unit zeroes the convolution's output channel, bias included; a following normalisation
 layer with an affine shift (e.g. BatchNorm) can still turn that channel into a constant.
+
+The prototypes of the SA ranking come from the label by default (``guide="label"``), where the
+analysis, the quality estimates and the training integrations default to the network's
+prediction. The difference is deliberate: pruning ranks units by what they can segment of the
+target on a labelled ranking set (the method), not by how well they agree with the network's own
+output; ``guide="prediction"`` gives the label-free ranking.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,17 +37,25 @@ import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import INPUT, analyze, label_target, model_probabilities
-from segability.capture import (
-    CONV_TYPES,
-    FeatureRecorder,
-    LayerSpec,
-    conv_layers,
-    eval_mode,
-    first_tensor,
-    resolve_layers,
+from segability.analysis import (
+    INPUT,
+    AnalysisConfig,
+    Capture,
+    Engine,
+    GuideKind,
+    OutputKind,
+    Readout,
+    Scoring,
+    label_target,
+    layer_names,
+    model_probabilities,
+    output_tensor,
 )
+from segability.analysis.engine import model_device
+from segability.analysis.inputs import Batch, batches
+from segability.capture import CONV_TYPES, FeatureRecorder, LayerSpec, eval_mode, resolve_layers
 from segability.core.functional import dice_from_counts
+from segability.errors import UsageError
 from segability.progress import progress_bar
 
 __all__ = [
@@ -64,80 +79,27 @@ _EPS = 1e-9
 
 
 # ------------------------------------------------------------------------------------ inputs
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+def _config(
+    guide: GuideKind, output: OutputKind, target: int | None, output_key: str | None, batch_size: int
+) -> AnalysisConfig:
+    """The options of a ranking or a curve, validated once (the analysis's own objects)."""
+    return AnalysisConfig(
+        readout=Readout(output=output, target=target, output_key=output_key),
+        scoring=Scoring(guide=guide, units=True),
+        capture=Capture(batch_size=batch_size),
+    )
 
 
-def _batches(images: Any, labels: Any, batch_size: int, *, need_labels: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(images (B, C, *S), labels (B, 1, *S) or None)`` batches of same-shaped images.
-
-    Accepts a tensor (N, C, *S) with labels (N, 1, *S) / (N, *S), or sequences of single images
-    (C, *S) and labels (1, *S) / (*S), of any sizes.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+def _batches(images: Any, labels: Any, batch_size: int, *, need_labels: bool = True) -> list[Batch]:
+    """Batches of same-shaped images, read as :func:`segability.analyze` reads its inputs: a
+    tensor (N, C, *S) with labels (N, 1, *S) / (N, *S), or sequences of single images (C, *S) and
+    labels (1, *S) / (*S), of any sizes."""
     if labels is None and need_labels:
-        raise ValueError("labels are needed: the Dice of the output and the SA ranking are measured against them")
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        x = _as_tensor(images, "images")
-        if x.ndim not in (3, 4, 5):
-            raise ValueError(f"images must have shape (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
-        y = None
-        if labels is not None:
-            y = _as_tensor(labels, "labels")
-            if y.ndim == x.ndim - 1:
-                y = y.unsqueeze(1)
-            if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
-                raise ValueError(f"labels {tuple(y.shape)} do not match images {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("images is empty")
-        return [
-            (x[s : s + batch_size], None if y is None else y[s : s + batch_size])
-            for s in range(0, x.shape[0], batch_size)
-        ]
-    if not isinstance(images, Sequence) or isinstance(images, str):
-        raise ValueError(f"images must be a tensor (N, C, *spatial) or a sequence of images, got {type(images).__name__}")
-    if labels is not None and (not isinstance(labels, Sequence) or len(labels) != len(images)):
-        got = len(labels) if isinstance(labels, Sequence) else type(labels).__name__
-        raise ValueError(f"labels must be a sequence with one label per image: {len(images)} images, labels {got}")
-    if len(images) == 0:
-        raise ValueError("images is empty")
-    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    for i, image in enumerate(images):
-        x = _as_tensor(image, f"images[{i}]")
-        y = None
-        if labels is not None:
-            y = _as_tensor(labels[i], f"labels[{i}]")
-            y = y.unsqueeze(0) if y.ndim == x.ndim - 1 else y
-            if y.shape[1:] != x.shape[1:]:
-                raise ValueError(f"labels[{i}] {tuple(y.shape)} does not match images[{i}] {tuple(x.shape)}")
-        if pending and (pending[0][0].shape != x.shape or len(pending) >= batch_size):
-            out.append(_stack(pending))
-            pending = []
-        pending.append((x, y))
-    out.append(_stack(pending))
+        raise UsageError("labels are needed: the Dice of the output and the SA ranking are measured against them", argument="labels")
+    out = list(batches(images, labels, None, None, batch_size))
+    if not out:
+        raise UsageError("images is empty", argument="images")
     return out
-
-
-def _stack(items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x = torch.stack([i[0] for i in items])
-    y = None if items[0][1] is None else torch.stack([i[1] for i in items])
-    return x, y
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device)
-    return x if x.is_floating_point() else x.float()
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -173,17 +135,15 @@ def prunable_layers(
         >>> prunable_layers(net, torch.zeros(1, 1, 8, 8))
         {'0': 4}
     """
-    candidates = conv_layers(model) if layers == "auto" else [n for n, _ in resolve_layers(model, layers)]
-    if not candidates:
-        raise ValueError("the model has no convolution to prune: choose layers by name or type")
-    x = _float(_as_tensor(example, "example")[:1], _device(model))
+    candidates = layer_names(model, layers)
+    if not isinstance(example, torch.Tensor):
+        raise UsageError(f"example must be a tensor (B, C, *spatial), got {type(example).__name__}", argument="example")
+    device, dtype = model_device(model)
+    x = example[:1].as_subclass(torch.Tensor).to(device=device, dtype=dtype)
     with FeatureRecorder(model, candidates) as rec, eval_mode(model), torch.no_grad():
-        out = model(x)
-    if isinstance(out, dict):
-        out = out.get(output_key) if output_key is not None else None
-    out = first_tensor(out)
-    if out is None or out.ndim < 3:
-        raise ValueError("the model output must be a (B, K, *spatial) tensor (or a dict: give output_key)")
+        out = output_tensor(model(x), output_key)
+    if out.ndim < 3:
+        raise UsageError(f"the model output must be a (B, K, *spatial) tensor, got {tuple(out.shape)}")
     channels = {n: int(rec.outputs[n][-1].shape[1]) for n in rec.order if rec.outputs[n][-1].ndim >= 2}
     missing = [n for n in candidates if n not in channels]
     if layers != "auto" and missing:
@@ -234,16 +194,17 @@ def unit_scores(
     ranking: Ranking = "sa",
     seed: int = 0,
     *,
-    guide: Literal["label", "prediction"] = "label",
+    guide: GuideKind = "label",
     batch_size: int = 8,
-    output: str = "auto",
+    output: OutputKind = "auto",
     target: int | None = None,
     output_key: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Importance of every unit of the prunable layers: higher means keep.
 
-    - ``"sa"``: the unit's SA against the label, averaged over ``images`` (from
-      :func:`segability.analyze` with ``units=True``; the prototypes come from ``guide``).
+    - ``"sa"``: the unit's SA against the label, the mean over ``images`` of the per-image unit
+      scores of the analysis engine (those of :func:`segability.analyze` with ``units=True``);
+      images where a unit's SA is undefined are left out of its mean.
     - ``"l1"``: the L1 norm of the unit's filter weights (:func:`filter_l1`); ``images`` only
       find the layers.
     - ``"random"``: uniform random scores from ``seed``.
@@ -255,18 +216,19 @@ def unit_scores(
         layers: "auto" (every convolution but the output convolutions) or a selection.
         ranking: "sa", "l1" or "random".
         seed: seed of the random ranking.
-        guide: prototypes from the label (default) or the network's prediction.
+        guide: where the prototypes of the SA ranking come from. ``"label"`` by default, unlike
+            :func:`segability.analyze` (``"prediction"``): ranking units by what they segment of
+            the labelled target is the method; ``"prediction"`` gives a label-free ranking.
         batch_size: images per forward pass.
-        output: how to read the model output ("auto", "sigmoid", "softmax", "probabilities").
-        target: the target class; default 1.
-        output_key: key of a dict output.
+        output, target, output_key: how to read the model output (see
+            :class:`segability.analysis.Readout`).
 
     Returns:
         ``{layer: (channels,) float64 scores}`` in forward order, on the CPU. Units whose SA is
         undefined on every image score NaN and are pruned first.
 
     Raises:
-        ValueError: an unknown ranking, ``"sa"`` without labels, malformed inputs.
+        UsageError: an unknown ranking or option, ``"sa"`` without labels, malformed inputs.
 
     Example:
         >>> import torch
@@ -277,29 +239,28 @@ def unit_scores(
         (['0'], (4,))
     """
     if ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-    batches = _batches(images, labels, batch_size, need_labels=ranking == "sa")
-    channels = prunable_layers(model, batches[0][0], layers, output_key=output_key)
-    return _scores(model, channels, batches, ranking, seed, guide, batch_size, output, target, output_key)
+        raise UsageError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}", argument="ranking")
+    config = _config(guide, output, target, output_key, batch_size)
+    data = _batches(images, labels, batch_size, need_labels=ranking == "sa")
+    channels = prunable_layers(model, data[0].images, layers, output_key=output_key)
+    return _scores(model, channels, data, ranking, seed, config)
 
 
-def _scores(model, channels, batches, ranking, seed, guide, batch_size, output, target, output_key) -> dict[str, torch.Tensor]:
+def _scores(
+    model: nn.Module, channels: dict[str, int], data: list[Batch], ranking: str, seed: int, config: AnalysisConfig
+) -> dict[str, torch.Tensor]:
     if ranking == "random":
         gen = torch.Generator().manual_seed(int(seed))
         return {n: torch.rand(c, generator=gen, dtype=torch.float64) for n, c in channels.items()}
     if ranking == "l1":
         modules = dict(model.named_modules())
         return {n: filter_l1(modules[n]) for n in channels}
-    if any(y is None for _, y in batches):
-        raise ValueError('ranking="sa" needs labels')
-    x = [img for xb, _ in batches for img in xb]
-    y = [lab for _, yb in batches for lab in yb]
-    res = analyze(
-        model, x, y, layers=list(channels), units=True, guide=guide, output=output, target=target,
-        output_key=output_key, batch_size=batch_size,
-    )
-    units = res.units[res.units["layer"] != INPUT]
-    means = units.groupby(["layer", "unit"], sort=True)["sa"].mean()
+    if any(b.labels is None for b in data):
+        raise UsageError('ranking="sa" needs labels', argument="labels")
+    engine = Engine(model, dataclasses.replace(config, capture=dataclasses.replace(config.capture, layers=list(channels))))
+    engine.run(data)
+    units = engine.result().units
+    means = units[units["layer"] != INPUT].groupby(["layer", "unit"], sort=True)["sa"].mean()
     out = {}
     for name, c in channels.items():
         values = torch.full((c,), math.nan, dtype=torch.float64)
@@ -448,14 +409,14 @@ def output_dice(
     labels: Any,
     *,
     batch_size: int = 8,
-    output: str = "auto",
+    output: OutputKind = "auto",
     target: int | None = None,
     output_key: str | None = None,
 ) -> torch.Tensor:
     """Dice of the model's binarised output against the label, one value per image.
 
-    The output is read as in :func:`segability.analyze` (sigmoid > 0.5 for one channel, argmax
-    == target otherwise); two empty maps give 1.
+    The output and the label are read as in :func:`segability.analyze` (sigmoid > 0.5 for one
+    channel, argmax == target otherwise); two empty maps give 1.
 
     Returns:
         (N,) float64 Dice on the CPU.
@@ -469,19 +430,22 @@ def output_dice(
         >>> output_dice(net, x, torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])).tolist()
         [0.8]
     """
-    return _dice(model, _batches(images, labels, batch_size), output, target, output_key)
+    config = _config("label", output, target, output_key, batch_size)
+    return _dice(model, _batches(images, labels, batch_size), config.readout)
 
 
-def _dice(model, batches, output, target, output_key) -> torch.Tensor:
-    dev = _device(model)
+def _dice(model: nn.Module, data: list[Batch], readout: Readout) -> torch.Tensor:
+    device, dtype = model_device(model)
     values = []
     with eval_mode(model), torch.no_grad():
-        for x, y in batches:
-            x = _float(x, dev)
-            _, pred, k = model_probabilities(model(x), output, 1 if target is None else int(target), output_key)
-            lab = label_target(y.to(dev), k, 1 if target is None else int(target), target is not None)
+        for batch in data:
+            x = batch.images.to(device=device, dtype=dtype)
+            _, pred, k = model_probabilities(model(x), readout.output, readout.target_index, readout.output_key)
+            lab = batch.labels.to(device=device, dtype=torch.float32)
+            lab = lab.unsqueeze(1) if lab.ndim == x.ndim - 1 else lab
+            lab = label_target(lab, k, readout.target_index, readout.target is not None)
             if lab.shape != pred.shape:
-                raise ValueError(f"labels {tuple(y.shape)} do not match the model output {tuple(pred.shape)}")
+                raise UsageError(f"labels {tuple(batch.labels.shape)} do not match the model output {tuple(pred.shape)}", argument="labels")
             p, t = pred.flatten(1).double(), lab.flatten(1).double()
             values.append(dice_from_counts((p * t).sum(1), p.sum(1), t.sum(1), "one").cpu())
     return torch.cat(values)
@@ -499,9 +463,9 @@ def prune_curve(
     layers: LayerSpec | Literal["auto"] = "auto",
     rank_images: Any = None,
     rank_labels: Any = None,
-    guide: Literal["label", "prediction"] = "label",
+    guide: GuideKind = "label",
     batch_size: int = 8,
-    output: str = "auto",
+    output: OutputKind = "auto",
     target: int | None = None,
     output_key: str | None = None,
     progress: bool = False,
@@ -527,11 +491,11 @@ def prune_curve(
         rank_images: the images the SA ranking is measured on (default ``images``; ranking and
             evaluating on the same labelled images favours SA, give a separate set to avoid it).
         rank_labels: their labels.
-        guide: prototypes of the SA ranking from the label (default) or the prediction.
+        guide: prototypes of the SA ranking from the label (default, deliberately unlike
+            :func:`segability.analyze`; see :func:`unit_scores`) or the prediction.
         batch_size: images per forward pass.
-        output: how to read the model output.
-        target: the target class; default 1.
-        output_key: key of a dict output.
+        output, target, output_key: how to read the model output (see
+            :class:`segability.analysis.Readout`).
         progress: show a progress bar.
 
     Returns:
@@ -562,13 +526,12 @@ def prune_curve(
     seeds = [int(s) for s in _sequence(seeds, "seeds")] if "random" in rankings else []
     if scope not in ("layer", "global"):
         raise ValueError(f'scope must be "layer" or "global", got {scope!r}')
-    if guide not in ("label", "prediction"):
-        raise ValueError(f'guide must be "label" or "prediction", got {guide!r}')
+    config = _config(guide, output, target, output_key, batch_size)
     evaluation = _batches(images, labels, batch_size)
     if (rank_images is None) != (rank_labels is None) and "sa" in rankings:
         raise ValueError("give rank_images and rank_labels together")
     ranking_set = evaluation if rank_images is None else _batches(rank_images, rank_labels, batch_size)
-    channels = prunable_layers(model, evaluation[0][0], layers, output_key=output_key)
+    channels = prunable_layers(model, evaluation[0].images, layers, output_key=output_key)
 
     runs = [(r, s) for r in rankings for s in (seeds if r == "random" else [None])]
     total = len(runs) * len(fractions)
@@ -576,10 +539,7 @@ def prune_curve(
     baseline: float | None = None
     with progress_bar(progress, total, "pruning") as advance:
         for ranking, seed in runs:
-            scores = _scores(
-                model, channels, ranking_set, ranking, 0 if seed is None else seed, guide, batch_size, output, target,
-                output_key,
-            )
+            scores = _scores(model, channels, ranking_set, ranking, 0 if seed is None else seed, config)
             for f in fractions:
                 chosen = units_to_prune(scores, f, scope, normalize=ranking == "l1")
                 pruned = sum(len(v) for v in chosen.values())
@@ -587,7 +547,7 @@ def prune_curve(
                     dice = baseline
                 else:
                     with mask_units(model, chosen):
-                        dice = float(_dice(model, evaluation, output, target, output_key).mean())
+                        dice = float(_dice(model, evaluation, config.readout).mean())
                     if pruned == 0:
                         baseline = dice
                 rows.append({"ranking": ranking, "fraction": f, "seed": seed, "dice": dice, "pruned_units": pruned})

@@ -148,20 +148,39 @@ class Engine:
 
     def process(self, batch: Batch) -> None:
         """Score one batch; a failure in the model is recorded for its images and the run goes on."""
-        cfg = self.config
         given = batch.given or [False] * len(batch.ids)
         batch.ids = [self.book.add(i, g) for i, g in zip(batch.ids, given, strict=True)]
         self.image_order.extend(batch.ids)
-        if cfg.scoring.guide == "label" and batch.labels is None:
-            raise UsageError(f'guide="label" needs labels, but images {batch.ids} came without them', argument="labels")
-        x = batch.images.to(device=self.device, dtype=self.dtype)
-        spatial = tuple(x.shape[2:])
-        self.spatial_dims = self.spatial_dims or len(spatial)
+        x = self._input(batch)
         try:
             out, first = self._first_pass(x)
         except Exception as exc:  # one failing batch of many is recorded, the run goes on
             self._fail(batch.ids, "model failed", exc)
             return
+        ctx, label, pred, shapes, skipped = self._reduce(batch, x, out, first, strict=False)
+        self._rows(ctx, shapes, skipped)
+        self.image_rows.extend(self._image_rows(ctx, label, pred))
+
+    def score(self, batch: Batch) -> None:
+        """Add the counts of every layer on one batch to :attr:`metric`, and write no rows.
+
+        For callers that keep the scores themselves (the training integrations read
+        ``metric.state_tensors()`` and reset it): the ids of ``batch`` are used as given, and a
+        failure in either forward pass raises instead of being recorded.
+        """
+        x = self._input(batch)
+        out, first = self._first_pass(x)
+        self._reduce(batch, x, out, first, strict=True)
+
+    def _input(self, batch: Batch) -> torch.Tensor:
+        if self.config.scoring.guide == "label" and batch.labels is None:
+            raise UsageError(f'guide="label" needs labels, but images {batch.ids} came without them', argument="labels")
+        x = batch.images.to(device=self.device, dtype=self.dtype)
+        self.spatial_dims = self.spatial_dims or x.ndim - 2
+        return x
+
+    def _reduce(self, batch: Batch, x: torch.Tensor, out: Any, first: _FirstPass, *, strict: bool):
+        """Score the input and every chosen layer of a batch whose first pass has run."""
         self._learn_order(first)
         ctx, label, pred, prob = self._context(batch, x, out)
         del out
@@ -184,12 +203,13 @@ class Engine:
             try:
                 self._second_pass(pending, x, first.tensor_calls, ctx, shapes, skipped)
             except Exception as exc:  # the layers scored so far are kept; the others are recorded
+                if strict:
+                    raise
                 why = f"second forward pass failed: {type(exc).__name__}: {exc}".replace("\n", " ")
                 self.first_error = self.first_error or exc
                 for name in pending:
                     skipped.setdefault(name, (Status.FAILED, why))
-        self._rows(ctx, shapes, skipped)
-        self.image_rows.extend(self._image_rows(ctx, label, pred))
+        return ctx, label, pred, shapes, skipped
 
     # ------------------------------------------------------------------------------ passes
     def _first_pass(self, x: torch.Tensor) -> tuple[Any, _FirstPass]:
@@ -208,9 +228,7 @@ class Engine:
                 seen.kept[name] = (t, t._version)
                 seen.kept_bytes += size
 
-        with FeatureRecorder(self.model, self.names, callback=on_output) as rec:
-            out = self.model(x)
-        seen.calls, seen.order = dict(rec.calls), list(rec.order)
+        out, seen.calls, seen.order = self.run_model(x, self.names, on_output)
         return out, seen
 
     def _second_pass(self, names, x, tensor_calls, ctx, shapes, skipped) -> None:
@@ -224,11 +242,23 @@ class Engine:
                 self._layer(name, t, ctx, shapes, skipped)
                 done.add(name)
 
-        with FeatureRecorder(self.model, names, callback=on_output):
-            self.model(x)
+        self.run_model(x, names, on_output)
         for name in names:
             if name not in done:
                 skipped[name] = (Status.NOT_CALLED, "not called in the second forward pass (the model is not deterministic)")
+
+    def run_model(
+        self, x: torch.Tensor, names: list[str], on_output: Callable[[str, torch.Tensor], None]
+    ) -> tuple[Any, dict[str, int], list[str]]:
+        """One forward pass with ``on_output(name, output)`` called inside the hooks of ``names``.
+
+        The one place the engine runs the model. Returns the output, the calls per layer and the
+        layers in the order first called. Callers that keep their own hooks registered and their
+        own forward callable (the training integrations) override it.
+        """
+        with FeatureRecorder(self.model, names, callback=on_output) as rec:
+            out = self.model(x)
+        return out, dict(rec.calls), list(rec.order)
 
     def _learn_order(self, first: _FirstPass) -> None:
         if not self.order_known:

@@ -1,8 +1,9 @@
 """SA while a network learns: callbacks for training frameworks, and the accumulator they share.
 
-:class:`SAAccumulator` turns batches into running sums of the layer (and unit) SA, kept as one
-flat tensor that can be summed across processes, and reports the means as a table. It is the
-plain-PyTorch integration (call :meth:`SAAccumulator.update` from any loop); the framework
+:class:`SAAccumulator` runs batches through the analysis engine (:class:`segability.analysis.Engine`,
+the code path of :func:`segability.analyze`) and keeps the running sums of the layer (and unit)
+SA as one flat tensor that can be summed across processes; it reports the means as a table. It is
+the plain-PyTorch integration (call :meth:`SAAccumulator.update` from any loop); the framework
 callbacks are thin shells around it:
 
 - :class:`segability.integrations.lightning.SACallback` (needs ``lightning``),
@@ -18,32 +19,69 @@ prediction (``sa_pred``), then the mean over the images where it is defined.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from segability.analysis import (
     INPUT,
+    AnalysisConfig,
+    Capture,
+    EmptyRule,
+    Engine,
     GuideKind,
     OutputKind,
-    label_target,
-    layer_features,
-    model_probabilities,
+    Readout,
+    Scoring,
 )
-from segability.capture import FeatureRecorder, LayerSpec, conv_layers, eval_mode, resolve_layers
-from segability.core.reduction import score_layer
+from segability.analysis.engine import model_device
+from segability.analysis.inputs import batches
+from segability.capture import FeatureRecorder, LayerSpec, eval_mode
+from segability.errors import UsageError
 
-__all__ = ["SAAccumulator", "split_batch"]
+__all__ = ["SAAccumulator", "split_batch", "accumulator_config", "named_means"]
 
-# Columns of the state, per layer: sums and counts of the per-image SA (vs label, vs prediction)
-# and of the per-image, per-unit SA (same two references).
-_SA, _SA_N, _PRED, _PRED_N, _USA, _USA_N, _UPRED, _UPRED_N = range(8)
-_WIDTH = 8
+# The state, per layer: a sum and a count of the per-image SA for each column (units: over images
+# and units), in the order of the table's columns; then the number of images.
+COLUMNS = ("sa", "sa_pred", "unit_sa", "unit_sa_pred")
+_WIDTH = 2 * len(COLUMNS)
+
+
+def accumulator_config(
+    layers: LayerSpec | Literal["auto"] = "auto",
+    *,
+    units: bool = False,
+    guide: GuideKind = "prediction",
+    output: OutputKind = "auto",
+    target: int | None = None,
+    output_key: str | None = None,
+    mask: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reshape: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    empty: EmptyRule = "one",
+    chunk_size: int | None = None,
+) -> AnalysisConfig:
+    """The options of an :class:`SAAccumulator`, validated once (see :class:`AnalysisConfig`).
+
+    Raises:
+        UsageError: an option out of its range, named by its argument; a mask tensor (it belongs
+            to a fixed set of images: give ``"nonzero"`` or a callable here).
+    """
+    if isinstance(mask, (torch.Tensor, np.ndarray)):
+        raise UsageError(
+            "mask must be None, 'nonzero' or a callable images -> (B, 1, *spatial) for batches seen one at a time, "
+            "got a tensor",
+            argument="mask",
+        )
+    return AnalysisConfig(
+        readout=Readout(output=output, target=target, output_key=output_key),
+        scoring=Scoring(guide=guide, units=units, mask=mask, empty=empty, chunk_size=chunk_size),
+        capture=Capture(layers=layers, reshape=reshape),
+    )
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,18 +122,18 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class _GatedRecorder(FeatureRecorder):
-    """A FeatureRecorder whose hooks record only while ``active``: it can stay registered through
-    training steps without keeping any activation."""
+    """Hooks that may stay registered through training steps: they pass outputs on (and count
+    calls) only inside :meth:`recording`, and only for the layers it names; nothing is kept."""
 
     def __init__(self, model: nn.Module, layers: LayerSpec):
         super().__init__(model, layers)
-        self.active = False
+        self._wanted: frozenset[str] = frozenset()
 
     def _hook(self, name: str):
         record = super()._hook(name)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.active:
+            if name in self._wanted:
                 record(module, args, output)
 
         return hook
@@ -104,34 +142,65 @@ class _GatedRecorder(FeatureRecorder):
     def registered(self) -> bool:
         return bool(self._handles)
 
+    @contextmanager
+    def recording(self, names: list[str], callback: Callable[[str, torch.Tensor], None]) -> Iterator[_GatedRecorder]:
+        """Hand the outputs of ``names`` to ``callback`` for the duration of the block; hooks not
+        registered already (the accumulator is not open) are registered for the block only and
+        removed in ``finally``."""
+        scoped = not self.registered
+        try:
+            if scoped:
+                self.__enter__()
+            self.clear()
+            self.callback, self._wanted = callback, frozenset(names)
+            yield self
+        finally:
+            self.callback, self._wanted = None, frozenset()
+            if scoped:
+                self.remove()
+
+
+class _Engine(Engine):
+    """The analysis engine, running the model through the accumulator's hooks and forward callable."""
+
+    def __init__(self, model: nn.Module, config: AnalysisConfig):
+        super().__init__(model, config)
+        self.recorder = _GatedRecorder(model, self.names)
+        self.forward: Callable[[torch.Tensor], Any] = model
+
+    def run_model(self, x, names, on_output):
+        with self.recorder.recording(names, on_output) as rec:
+            out = self.forward(x)
+        return out, dict(rec.calls), list(rec.order)
+
 
 class SAAccumulator:
     """Running layer (and unit) SA over batches, reducible across processes.
 
-    Each :meth:`update` runs one forward pass of ``model`` on a batch with hooks on the chosen
-    layers, scores every layer (and the input image, as the layer ``"input"``) exactly as
-    :func:`segability.analyze` does, and adds the per-image scores to sums and counts.
-    :meth:`table` returns the means. The sums live in one flat float64 tensor
-    (:meth:`state_tensor`), so a distributed run sums it across processes once per epoch and
-    loads it back (:meth:`load_state_tensor`).
+    Each :meth:`update` scores a batch through the analysis engine, exactly as
+    :func:`segability.analyze` does (every chosen layer and the input image, as the layer
+    ``"input"``; one forward pass, two for outputs beyond the engine's memory budget or changed in
+    place), and adds the per-image scores of :class:`segability.SegmentationAbility`
+    (``state_tensors()``) to sums and counts. :meth:`table` returns the means. The sums live in one
+    flat float64 tensor (:meth:`state_tensor`, layers in a fixed order), so a distributed run sums
+    it across processes once per epoch and loads it back (:meth:`load_state_tensor`).
 
     Hooks: :meth:`open` registers them until :meth:`close` (they record only during
     :meth:`update`, never in the caller's own forward passes); without :meth:`open`, each
-    :meth:`update` registers them for its own forward pass and removes them in ``finally``.
+    :meth:`update` registers them for its own forward passes and removes them in ``finally``.
 
     Args:
         model: the network; its output is read as in :func:`segability.analyze`.
         layers: "auto" (every convolution) or a selection (see
             :func:`segability.capture.resolve_layers`).
         units: also accumulate the SA of every unit; the table then gives each layer's mean unit SA.
-        guide: prototypes from the network's probability map ("prediction") or the label ("label").
-        output: "auto", "sigmoid", "softmax" or "probabilities".
-        target: the target class (K-channel outputs or multi-class labels); default 1.
-        output_key: key of a dict output.
-        mask: pixels that shape the prototypes: None, "nonzero" or a callable images -> (B, 1, *S).
-        reshape: callable turning a layer output into (B, C, *spatial) features, or None.
-        empty: Dice convention for two empty maps ("one" or "nan").
-        chunk_size: channels resized at once for unit maps.
+        guide, mask, empty, chunk_size: see :class:`segability.analysis.Scoring` (``mask``: None,
+            "nonzero" or a callable images -> (B, 1, *S)).
+        output, target, output_key: see :class:`segability.analysis.Readout`.
+        reshape: see :class:`segability.analysis.Capture`.
+
+    Raises:
+        UsageError: an option out of its range (see :func:`accumulator_config`), an unknown layer.
 
     Example:
         >>> import torch
@@ -155,41 +224,33 @@ class SAAccumulator:
         output_key: str | None = None,
         mask: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
         reshape: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-        empty: Literal["one", "nan"] = "one",
+        empty: EmptyRule = "one",
         chunk_size: int | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if guide not in ("prediction", "label"):
-            raise ValueError(f'guide must be "prediction" or "label", got {guide!r}')
-        if output not in ("auto", "sigmoid", "softmax", "probabilities"):
-            raise ValueError(f'output must be "auto", "sigmoid", "softmax" or "probabilities", got {output!r}')
-        if empty not in ("one", "nan"):
-            raise ValueError(f'empty must be "one" or "nan", got {empty!r}')
-        if not (mask is None or mask == "nonzero" or callable(mask)):
-            raise ValueError(f"mask must be None, 'nonzero' or a callable images -> (B, 1, *spatial), got {mask!r}")
-        if layers == "auto":
-            names = conv_layers(model)
-            if not names:
-                raise ValueError("layers='auto' found no convolution in the model: choose layers by name or type")
-        else:
-            names = [n for n, _ in resolve_layers(model, layers)]
-        if INPUT in names:
-            raise ValueError(f"a model layer is named {INPUT!r}, which is reserved for the input image")
+        config = accumulator_config(
+            layers, units=units, guide=guide, output=output, target=target, output_key=output_key, mask=mask,
+            reshape=reshape, empty=empty, chunk_size=chunk_size,
+        )  # fmt: skip
+        self._start(model, config)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: AnalysisConfig) -> SAAccumulator:
+        """An accumulator with options already validated (e.g. by :func:`accumulator_config`)."""
+        if not isinstance(config, AnalysisConfig):
+            raise UsageError(f"config must be an AnalysisConfig, got {type(config).__name__}", argument="config")
+        if config.windows is not None or config.scoring.keep_maps:
+            raise UsageError("config: an accumulator takes no windows and keeps no maps", argument="config")
+        acc = cls.__new__(cls)
+        acc._start(model, config)
+        return acc
+
+    def _start(self, model: nn.Module, config: AnalysisConfig) -> None:
+        self.config = config
+        self._engine = _Engine(model, config)
         self.model = model
-        self.layers = [INPUT, *names]
-        self.units = units
-        self.guide = guide
-        self.output = output
-        self.target_given = target is not None
-        self.target = 1 if target is None else int(target)
-        self.output_key = output_key
-        self.mask = mask
-        self.reshape = reshape
-        self.empty = empty
-        self.chunk_size = chunk_size
-        self._recorder = _GatedRecorder(model, names)
-        self._depth: dict[str, int] = {}
+        self.layers = [INPUT, *self._engine.names]
+        self.units = config.scoring.units
+        self._recorder = self._engine.recorder
         self.reset()
 
     # ------------------------------------------------------------------------------ hooks
@@ -201,7 +262,6 @@ class SAAccumulator:
 
     def close(self) -> None:
         """Remove the hooks (idempotent)."""
-        self._recorder.active = False
         self._recorder.remove()
         self._recorder.clear()
 
@@ -211,53 +271,38 @@ class SAAccumulator:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    @contextmanager
-    def _recording(self) -> Iterator[_GatedRecorder]:
-        scoped = not self._recorder.registered
-        rec = self._recorder
-        try:
-            if scoped:
-                rec.__enter__()
-            rec.clear()
-            rec.active = True
-            yield rec
-        finally:
-            rec.active = False
-            if scoped:
-                rec.remove()
-
     # ------------------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget the accumulated sums (the layer order found so far is kept)."""
-        self._state: torch.Tensor | None = None
-
-    def _zeros(self, device: torch.device) -> torch.Tensor:
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        return torch.zeros(len(self.layers) * _WIDTH + 1, dtype=dtype, device=device)
+        self._state = torch.zeros(len(self.layers) * _WIDTH + 1, dtype=torch.float64)
+        self._engine.metric.reset()
 
     def state_tensor(self, device: str | torch.device | None = None) -> torch.Tensor:
         """The sums and counts as one flat tensor (zeros when nothing was seen), for all-reduce.
 
+        Per layer (``input`` first, then the chosen layers in the order of :attr:`layers`): a sum
+        and a count for each of ``sa``, ``sa_pred``, ``unit_sa``, ``unit_sa_pred``; then the
+        number of images. float64 (float32 on MPS, which has no float64).
+
         Args:
-            device: where to put a zero state when nothing was seen yet (default: the model's
-                device), so that every process takes part in the reduction with the same shape.
+            device: where to put it (default: the model's device), so that every process takes
+                part in the reduction with a tensor on its own device and of the same shape.
         """
-        if self._state is not None:
-            return self._state
-        return self._zeros(torch.device(device) if device is not None else _device_of(self.model))
+        dev = torch.device(device) if device is not None else model_device(self.model)[0]
+        return self._state.to(device=dev, dtype=torch.float32 if dev.type == "mps" else torch.float64)
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
         """Replace the sums with ``state`` (e.g. summed across processes)."""
         expected = len(self.layers) * _WIDTH + 1
         if not isinstance(state, torch.Tensor) or state.shape != (expected,):
             got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must be a tensor of shape ({expected},) from state_tensor(), got {got}")
-        self._state = state
+            raise UsageError(f"state must be a tensor of shape ({expected},) from state_tensor(), got {got}", argument="state")
+        self._state = state.detach().to(device="cpu", dtype=torch.float64)
 
     @property
     def images(self) -> int:
-        """Images accumulated so far (this process)."""
-        return 0 if self._state is None else int(self._state[-1])
+        """Images accumulated (or loaded) so far."""
+        return int(self._state[-1])
 
     # ------------------------------------------------------------------------------ update
     @torch.no_grad()
@@ -267,7 +312,7 @@ class SAAccumulator:
         labels: torch.Tensor | None = None,
         forward: Callable[[torch.Tensor], Any] | None = None,
     ) -> None:
-        """Run the model on a batch and add its scores.
+        """Score a batch and add its scores.
 
         Args:
             images: (B, C, *S) images.
@@ -277,93 +322,44 @@ class SAAccumulator:
                 ``lambda x: module.net(x)``; it must call the hooked layers once per image batch.
 
         Raises:
-            ValueError: malformed images, labels or model output.
+            UsageError: malformed images, labels or model output.
         """
-        if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4, 5):
+        if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4, 5) or images.shape[0] == 0:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a tensor (B, C, *spatial) with 1-3 spatial dims, got {shape}")
-        if self.guide == "label" and labels is None:
-            raise ValueError('guide="label" needs labels, but a batch came without them')
-        images, labels = _plain(images), _plain(labels)  # e.g. MONAI MetaTensors: plain tensors
-        dev = _device_of(self.model)
-        x = images.to(dev)
-        x = x if x.is_floating_point() else x.float()
-        run = forward if forward is not None else self.model
-        with self._recording() as rec, eval_mode(self.model):
-            out = run(x)
+            raise UsageError(f"images must be a tensor (B, C, *spatial) with B >= 1 and 1-3 spatial dims, got {shape}", argument="images")
+        if forward is not None and not callable(forward):
+            raise UsageError(f"forward must be a callable or None, got {type(forward).__name__}", argument="forward")
+        (batch,) = batches(images, labels, None, None, images.shape[0])
+        engine = self._engine
+        # The model may have moved since the accumulator was made (Lightning moves it after setup).
+        engine.device, engine.dtype = model_device(self.model)
+        engine.forward = self.model if forward is None else forward
         try:
-            self._score(rec, x, labels, out)
+            # Lightning validates under torch.inference_mode, whose tensors have no version
+            # counter; the engine needs one to see outputs changed in place after their layer.
+            with torch.inference_mode(False), torch.no_grad(), eval_mode(self.model):
+                engine.score(batch)
+            self._add(engine.metric.state_tensors(), len(batch.ids))
         finally:
-            rec.clear()
+            engine.metric.reset()
+            engine.forward = self.model
 
-    def _score(self, rec: _GatedRecorder, x: torch.Tensor, labels: torch.Tensor | None, out: Any) -> None:
-        prob, pred, k = model_probabilities(out, self.output, self.target, self.output_key)
-        if not self._depth:
-            self._depth = {INPUT: 0, **{n: d for d, n in enumerate(rec.order, start=1)}}
-        label = None
-        if labels is not None:
-            lab = labels.to(x.device)
-            if lab.ndim == x.ndim - 1:
-                lab = lab.unsqueeze(1)
-            if lab.shape[0] != x.shape[0] or lab.shape[2:] != prob.shape[2:]:
-                raise ValueError(f"labels {tuple(lab.shape)} do not match the model output {tuple(prob.shape)}")
-            label = label_target(lab, k, self.target, self.target_given)
-        valid = torch.isfinite(prob.flatten(1)).all(dim=1)
-        prob = torch.nan_to_num(prob, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
-        pred = torch.where(valid.view(-1, *([1] * (pred.ndim - 1))), pred, torch.zeros_like(pred))
-        guide = label if self.guide == "label" else prob
-        refs = pred if label is None else torch.cat([label, pred], dim=1)
-        # As in analyze: with an empty prediction, sa_pred compares against nothing (undefined).
-        empty_pred = valid & (pred.flatten(1).sum(1) == 0)
-        mask = self._mask(x)
-        if self._state is None:
-            self._state = self._zeros(x.device)
-        rows = self._state[:-1].view(len(self.layers), _WIDTH)
+    def _add(self, sums: dict[str, torch.Tensor], images: int) -> None:
+        """Add a batch's ``SegmentationAbility.state_tensors()`` to the flat state."""
+        rows = self._state[:-1].view(len(self.layers), len(COLUMNS), 2)
+        sums = {k: v.detach().to(device="cpu", dtype=torch.float64) for k, v in sums.items()}
         for i, name in enumerate(self.layers):
-            if name == INPUT:
-                feats = x.float()
-            else:
-                tensors = rec.pop(name)
-                if not tensors:
+            for kind, columns in (("layer", (0, 1)), ("unit", (2, 3))):
+                total = sums.get(f"{kind}_sum/{name}")
+                if total is None:  # the layer was not scored on this batch
                     continue
-                feats = self._features(tensors[-1], x.shape[0], tuple(x.shape[2:]))
-                if feats is None:
-                    continue
-            self._add(rows[i], feats, guide, refs, label is not None, mask, valid, empty_pred)
-        self._state[-1] += x.shape[0]
-
-    def _features(self, feats: torch.Tensor, batch: int, spatial: tuple[int, ...]) -> torch.Tensor | None:
-        """The layer output as (B, C, *spatial) features, or None (the rules of analyze)."""
-        return layer_features(feats, batch, spatial, self.reshape)[0]
-
-    def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.mask is None:
-            return None
-        if self.mask == "nonzero":
-            return (x != 0).any(dim=1, keepdim=True).float()
-        return self.mask(x).to(device=x.device, dtype=torch.float32)
-
-    def _add(self, row, feats, guide, refs, has_label, mask, valid, empty_pred) -> None:
-        dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-        feats = feats.to(dtype)
-        finite = torch.isfinite(feats.flatten(1)).all(dim=1)
-        if not bool(finite.all()):
-            feats = torch.where(finite.view(-1, *([1] * (feats.ndim - 1))), feats, torch.zeros_like(feats))
-        m = None if mask is None else mask.to(dtype)
-        layer, unit, _ = score_layer(
-            feats, guide.to(dtype), refs.to(dtype), m, units=self.units, empty=self.empty, chunk_size=self.chunk_size
-        )
-        bad = ~valid | ~finite
-        nan = torch.full_like(layer[:, 0], math.nan)
-        sa_pred = torch.where(bad | empty_pred, nan, layer[:, -1])
-        _sum_into(row, _PRED, sa_pred)
-        if has_label:
-            _sum_into(row, _SA, torch.where(bad, nan, layer[:, 0]))
-        if unit is not None:
-            keep = (~bad).view(-1, 1)
-            _sum_into(row, _UPRED, torch.where(keep & ~empty_pred.view(-1, 1), unit[:, -1], math.nan))
-            if has_label:
-                _sum_into(row, _USA, torch.where(keep, unit[:, 0], math.nan))
+                count = sums[f"{kind}_count/{name}"]
+                # The engine's references are [label,] prediction: two when the batch had labels.
+                pairs = zip(columns, (0, 1), strict=True) if total.shape[0] == 2 else [(columns[1], 0)]
+                for column, r in pairs:
+                    rows[i, column, 0] += total[r].sum()
+                    rows[i, column, 1] += count[r].sum()
+        self._state[-1] += images
 
     # ------------------------------------------------------------------------------ results
     def table(self) -> pd.DataFrame:
@@ -372,47 +368,118 @@ class SAAccumulator:
         Returns:
             One row per layer in forward order (``input`` first): ``depth``, ``layer``, ``sa``
             (NaN without labels), ``sa_pred``, ``images`` (images accumulated); with ``units``
-            also ``unit_sa`` and ``unit_sa_pred``, each layer's mean over images and units.
+            also ``unit_sa`` and ``unit_sa_pred``, each layer's mean over images and units. A mean
+            over no defined score is NaN.
         """
-        state = self.state_tensor().detach().double().cpu()
-        rows = state[:-1].view(len(self.layers), _WIDTH)
-
-        def mean(s: torch.Tensor, n: torch.Tensor) -> list[float]:
-            return [float(a / b) if b > 0 else math.nan for a, b in zip(s.tolist(), n.tolist(), strict=True)]
-
-        depth = dict(self._depth) or {INPUT: 0}
+        rows = self._state[:-1].view(len(self.layers), len(COLUMNS), 2)
+        means = torch.where(rows[..., 1] > 0, rows[..., 0] / rows[..., 1].clamp(min=1), torch.nan)
+        depth = dict(self._engine.depth)
         for name in self.layers:  # layers not called (yet): after the called ones, as in analyze
             depth.setdefault(name, len(depth))
-        table = pd.DataFrame(
-            {
-                "depth": [depth[n] for n in self.layers],
-                "layer": self.layers,
-                "sa": mean(rows[:, _SA], rows[:, _SA_N]),
-                "sa_pred": mean(rows[:, _PRED], rows[:, _PRED_N]),
-                "images": int(state[-1]),
-            }
-        )
-        if self.units:
-            table["unit_sa"] = mean(rows[:, _USA], rows[:, _USA_N])
-            table["unit_sa_pred"] = mean(rows[:, _UPRED], rows[:, _UPRED_N])
+        table = pd.DataFrame({"depth": [depth[n] for n in self.layers], "layer": self.layers})
+        for k, column in enumerate(COLUMNS[: 4 if self.units else 2]):
+            table[column] = means[:, k].tolist()
+        table.insert(4, "images", self.images)
         return table.sort_values("depth", kind="stable").reset_index(drop=True)
 
 
-def _sum_into(row: torch.Tensor, column: int, values: torch.Tensor) -> None:
-    """Add the non-NaN values (any shape) to ``row[column]`` and their count to ``row[column + 1]``."""
-    ok = ~torch.isnan(values)
-    row[column] += torch.where(ok, values, torch.zeros_like(values)).sum().to(row.dtype)
-    row[column + 1] += ok.sum().to(row.dtype)
+class _Monitor:
+    """What the Lightning callback and the MONAI handler share: their options (validated once, as
+    an :class:`AnalysisConfig`), an :class:`SAAccumulator` on the scored network, the batches
+    scored per epoch, the named means written at the end of an epoch, and the history.
+
+    Subclasses set :attr:`step_column` (the history's column of the training step) and call
+    :meth:`_accumulator_for`, :meth:`_epoch_started`, :meth:`_wants_batch` / :meth:`_add_batch`
+    and :meth:`_epoch_means` from their framework's events.
+    """
+
+    step_column = "step"
+
+    def __init__(
+        self,
+        config: AnalysisConfig,
+        *,
+        num_batches: int | None,
+        forward: Callable[[nn.Module, torch.Tensor], Any] | None,
+        prefix: str,
+        prefix_name: str,
+    ):
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+            raise UsageError(f"num_batches must be a positive integer or None (all batches), got {num_batches!r}", argument="num_batches")
+        if forward is not None and not callable(forward):
+            raise UsageError(f"forward must be a callable or None, got {type(forward).__name__}", argument="forward")
+        if not isinstance(prefix, str):
+            raise UsageError(f"{prefix_name} must be a string, got {type(prefix).__name__}", argument=prefix_name)
+        self.config = config
+        self.num_batches = num_batches
+        self.forward = forward
+        self.prefix = prefix
+        self.accumulator: SAAccumulator | None = None
+        self._batches = 0
+        self._rows: list[dict[str, Any]] = []
+
+    @property
+    def units(self) -> bool:
+        return self.config.scoring.units
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per epoch and layer: ``epoch``, the step, ``depth``, ``layer``, ``sa``,
+        ``sa_pred``, ``images`` (and ``unit_sa``, ``unit_sa_pred`` with units)."""
+        columns = ["epoch", self.step_column, "depth", "layer", "sa", "sa_pred", "images"]
+        return pd.DataFrame(self._rows, columns=columns + (["unit_sa", "unit_sa_pred"] if self.units else []))
+
+    def _accumulator_for(self, model: nn.Module) -> SAAccumulator:
+        if self.accumulator is None or self.accumulator.model is not model:
+            self.accumulator = SAAccumulator.from_config(model, self.config)
+        return self.accumulator
+
+    def _epoch_started(self) -> None:
+        self._batches = 0
+        if self.accumulator is not None:
+            self.accumulator.reset()
+
+    def _wants_batch(self) -> bool:
+        return self.accumulator is not None and (self.num_batches is None or self._batches < self.num_batches)
+
+    def _add_batch(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        net = self.accumulator.model
+        self.accumulator.update(images, labels, forward=None if self.forward is None else (lambda x: self.forward(net, x)))
+        self._batches += 1
+
+    def _epoch_means(self, reduce: Callable[[torch.Tensor], torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+        """Sum the state across processes with ``reduce`` (every process takes part, also one that
+        saw no batch), keep the history rows and return the named means (none when no image was
+        scored anywhere)."""
+        acc = self.accumulator
+        acc.load_state_tensor(reduce(acc.state_tensor().clone()))
+        if acc.images == 0:
+            return {}
+        table = acc.table()
+        self._rows.extend({"epoch": epoch, self.step_column: step, **row} for row in table.to_dict("records"))
+        return named_means(table, self.prefix)
 
 
-def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
-    if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor:
-        return t.as_subclass(torch.Tensor)
-    return t
+def named_means(table: pd.DataFrame, prefix: str = "sa/") -> dict[str, float]:
+    """The means of :meth:`SAAccumulator.table` under the names the callbacks log.
 
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    if param is None:
-        param = next(iter(model.buffers()), None)
-    return param.device if param is not None else torch.device("cpu")
+    ``{prefix}{layer}`` (against the label, when there were labels), ``{prefix}pred/{layer}``,
+    with units ``{prefix}unit/{layer}`` and ``{prefix}unit_pred/{layer}``, and the means over the
+    layers (``input`` excluded) ``{prefix}mean`` and ``{prefix}pred/mean``.
+    """
+    labelled = bool(table["sa"].notna().any())
+    units = "unit_sa" in table.columns
+    out: dict[str, float] = {}
+    for row in table.itertuples(index=False):
+        if labelled:
+            out[f"{prefix}{row.layer}"] = float(row.sa)
+        out[f"{prefix}pred/{row.layer}"] = float(row.sa_pred)
+        if units:
+            if labelled:
+                out[f"{prefix}unit/{row.layer}"] = float(row.unit_sa)
+            out[f"{prefix}unit_pred/{row.layer}"] = float(row.unit_sa_pred)
+    hidden = table[table["layer"] != INPUT]
+    if labelled:
+        out[f"{prefix}mean"] = float(hidden["sa"].mean())
+    out[f"{prefix}pred/mean"] = float(hidden["sa_pred"].mean())
+    return out

@@ -20,12 +20,12 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, Literal
 
-import pandas as pd
 import torch
 
-from segability.analysis import GuideKind, OutputKind
+from segability.analysis import EmptyRule, GuideKind, OutputKind
 from segability.capture import LayerSpec
-from segability.integrations import SAAccumulator, split_batch
+from segability.errors import UsageError
+from segability.integrations import _Monitor, accumulator_config, split_batch
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -39,10 +39,8 @@ except ImportError:  # pragma: no cover - depends on the installed package
 
 __all__ = ["SACallback"]
 
-HISTORY_COLUMNS = ["epoch", "step", "depth", "layer", "sa", "sa_pred", "images"]
 
-
-class SACallback(Callback):
+class SACallback(Callback, _Monitor):
     """Log the SA of every chosen layer after each validation epoch.
 
     On each validation epoch (never during the sanity check) the callback scores the first
@@ -57,7 +55,8 @@ class SACallback(Callback):
     - with ``units=True``: ``{log_prefix}unit/{layer}`` and ``{log_prefix}unit_pred/{layer}``,
       the mean unit SA of each layer.
 
-    The values equal :func:`segability.analyze` on the same batches with the same weights. The
+    The values equal :func:`segability.analyze` on the same batches with the same weights (the
+    callback runs the analysis engine through :class:`segability.integrations.SAAccumulator`). The
     image itself is scored as the layer ``"input"``.
 
     Args:
@@ -65,18 +64,14 @@ class SACallback(Callback):
             :func:`segability.capture.resolve_layers`).
         num_batches: validation batches scored per epoch (None: all).
         units: also score every unit and log each layer's mean unit SA.
-        guide: prototypes from the network's probability map ("prediction") or the label ("label").
-        output: how to read the output: "auto", "sigmoid", "softmax" or "probabilities".
-        target: the target class (K-channel outputs or multi-class labels); default 1.
+        guide, output, target, output_key, mask, empty: see
+            :func:`segability.integrations.accumulator_config`.
         log_prefix: prefix of the logged names.
         batch_to_xy: callable batch -> (images, labels or None); default reads an ``(x, y)``
             pair, a dict with "image"/"label" or a tensor (see
             :func:`segability.integrations.split_batch`).
         forward: callable (module, images) -> output used for the callback's forward pass
             (default ``module(images)``), e.g. ``lambda m, x: m.net(x)``.
-        output_key: key of a dict output.
-        mask: pixels that shape the prototypes: None, "nonzero" or a callable images -> (B, 1, *S).
-        empty: Dice convention for two empty maps ("one" or "nan").
         dataloader_idx: the validation dataloader that is scored.
 
     Attributes:
@@ -92,6 +87,8 @@ class SACallback(Callback):
         >>> sa.history.pivot(index="epoch", columns="layer", values="sa")  # doctest: +SKIP
     """
 
+    step_column = "step"
+
     def __init__(
         self,
         layers: LayerSpec | Literal["auto"] = "auto",
@@ -106,59 +103,26 @@ class SACallback(Callback):
         forward: Callable[[LightningModule, torch.Tensor], Any] | None = None,
         output_key: str | None = None,
         mask: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
-        empty: Literal["one", "nan"] = "one",
+        empty: EmptyRule = "one",
         dataloader_idx: int = 0,
     ):
-        super().__init__()
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be a positive integer or None (all batches), got {num_batches!r}")
-        if guide not in ("prediction", "label"):
-            raise ValueError(f'guide must be "prediction" or "label", got {guide!r}')
-        if output not in ("auto", "sigmoid", "softmax", "probabilities"):
-            raise ValueError(f'output must be "auto", "sigmoid", "softmax" or "probabilities", got {output!r}')
-        if not isinstance(log_prefix, str):
-            raise ValueError(f"log_prefix must be a string, got {type(log_prefix).__name__}")
-        for name, fn in (("batch_to_xy", batch_to_xy), ("forward", forward)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be a callable or None, got {type(fn).__name__}")
-        self.layers = layers
-        self.num_batches = num_batches
-        self.units = units
-        self.guide = guide
-        self.output = output
-        self.target = target
-        self.log_prefix = log_prefix
+        Callback.__init__(self)
+        config = accumulator_config(
+            layers, units=units, guide=guide, output=output, target=target, output_key=output_key, mask=mask, empty=empty
+        )
+        _Monitor.__init__(self, config, num_batches=num_batches, forward=forward, prefix=log_prefix, prefix_name="log_prefix")
+        if batch_to_xy is not None and not callable(batch_to_xy):
+            raise UsageError(f"batch_to_xy must be a callable or None, got {type(batch_to_xy).__name__}", argument="batch_to_xy")
         self.batch_to_xy = batch_to_xy or split_batch
-        self.forward = forward
-        self.output_key = output_key
-        self.mask = mask
-        self.empty = empty
         self.dataloader_idx = dataloader_idx
-        self.accumulator: SAAccumulator | None = None
-        self._batches = 0
-        self._rows: list[dict[str, Any]] = []
 
     @property
-    def history(self) -> pd.DataFrame:
-        """One row per validation run and layer (see the class docstring)."""
-        columns = HISTORY_COLUMNS + (["unit_sa", "unit_sa_pred"] if self.units else [])
-        return pd.DataFrame(self._rows, columns=columns)
+    def log_prefix(self) -> str:
+        return self.prefix
 
     # ---------------------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.accumulator is None or self.accumulator.model is not pl_module:
-            self.accumulator = SAAccumulator(
-                pl_module,
-                self.layers,
-                units=self.units,
-                guide=self.guide,
-                output=self.output,
-                target=self.target,
-                output_key=self.output_key,
-                mask=self.mask,
-                empty=self.empty,
-            )
-        self.accumulator.open()
+        self._accumulator_for(pl_module).open()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.accumulator is not None:
@@ -170,9 +134,7 @@ class SACallback(Callback):
             self.accumulator.close()
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._batches = 0
-        if self.accumulator is not None:
-            self.accumulator.reset()
+        self._epoch_started()
 
     def on_validation_batch_end(
         self,
@@ -183,44 +145,22 @@ class SACallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or dataloader_idx != self.dataloader_idx or self.accumulator is None:
-            return
-        if self.num_batches is not None and self._batches >= self.num_batches:
+        if trainer.sanity_checking or dataloader_idx != self.dataloader_idx or not self._wants_batch():
             return
         images, labels = self.batch_to_xy(batch)
-        forward = None if self.forward is None else (lambda x: self.forward(pl_module, x))
         precision = getattr(trainer, "precision_plugin", None)
         context = precision.forward_context() if hasattr(precision, "forward_context") else contextlib.nullcontext()
         with context:
-            self.accumulator.update(images, labels, forward=forward)
-        self._batches += 1
+            self._add_batch(images, labels)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self.accumulator is None:
             return
-        acc = self.accumulator
-        # Every process takes part in the sum, also one that saw no batch (a zero state).
-        state = trainer.strategy.reduce(acc.state_tensor(pl_module.device).clone(), reduce_op="sum")
-        acc.load_state_tensor(state)
-        table = acc.table()
-        if int(table["images"].iloc[0]) == 0:
-            return
-        labelled = bool(table["sa"].notna().any())
-        hidden = table[table["layer"] != "input"]
-        p = self.log_prefix
-        for row in table.itertuples(index=False):
-            if labelled:
-                pl_module.log(f"{p}{row.layer}", float(row.sa), sync_dist=True)
-            pl_module.log(f"{p}pred/{row.layer}", float(row.sa_pred), sync_dist=True)
-            if self.units:
-                if labelled:
-                    pl_module.log(f"{p}unit/{row.layer}", float(row.unit_sa), sync_dist=True)
-                pl_module.log(f"{p}unit_pred/{row.layer}", float(row.unit_sa_pred), sync_dist=True)
-        if labelled:
-            pl_module.log(f"{p}mean", float(hidden["sa"].mean()), sync_dist=True)
-        pl_module.log(f"{p}pred/mean", float(hidden["sa_pred"].mean()), sync_dist=True)
-        for row in table.to_dict("records"):
-            self._rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **row})
+        means = self._epoch_means(
+            lambda state: trainer.strategy.reduce(state, reduce_op="sum"), trainer.current_epoch, trainer.global_step
+        )
+        for name, value in means.items():
+            pl_module.log(name, value, sync_dist=True)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import pandas as pd
 import torch
 from torch import nn
 
-from segability.analysis import GuideKind, OutputKind
+from segability.analysis import EmptyRule, GuideKind, OutputKind
 from segability.capture import LayerSpec
-from segability.integrations import SAAccumulator
+from segability.errors import UsageError
+from segability.integrations import _Monitor, accumulator_config
 
 try:
     from ignite.engine import Engine, Events
@@ -36,9 +36,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installed packag
     ) from exc
 
 __all__ = ["SAHandler", "image_and_label"]
-
-HISTORY_COLUMNS = ["epoch", "iteration", "depth", "layer", "sa", "sa_pred", "images"]
-
 
 def _stack(items: Any, name: str) -> torch.Tensor | None:
     if items is None or isinstance(items, torch.Tensor):
@@ -82,7 +79,7 @@ def image_and_label(output: Any) -> tuple[Any, Any]:
     )
 
 
-class SAHandler:
+class SAHandler(_Monitor):
     """Accumulate layer SA over an engine's iterations and write it into ``engine.state.metrics``.
 
     Attach it like MONAI's handlers (``handler.attach(evaluator)``). At ``EPOCH_COMPLETED`` the
@@ -94,7 +91,8 @@ class SAHandler:
       excluded),
     - with ``units=True``: ``{metric_prefix}unit/{layer}`` and ``{metric_prefix}unit_pred/{layer}``.
 
-    The values equal :func:`segability.analyze` on the same images with the same weights.
+    The values equal :func:`segability.analyze` on the same images with the same weights (the
+    handler runs the analysis engine through :class:`segability.integrations.SAAccumulator`).
 
     Args:
         layers: "auto" (every convolution) or a selection (see
@@ -103,18 +101,14 @@ class SAHandler:
         output_transform: callable ``engine.state.output`` -> ``(images, labels or None)``, each a
             batch tensor or a list of per-image tensors; default :func:`image_and_label`.
         units: also score every unit and report each layer's mean unit SA.
-        guide: prototypes from the network's probability map ("prediction") or the label ("label").
-        output: how to read the network output: "auto", "sigmoid", "softmax" or "probabilities".
-        target: the target class (K-channel outputs or multi-class labels); default 1.
+        guide, output, target, output_key, mask, empty: see
+            :func:`segability.integrations.accumulator_config`.
         metric_prefix: prefix of the names written into ``engine.state.metrics``.
         network: the network to score (default ``engine.network``).
         batch_transform: when given, callable ``engine.state.batch`` -> ``(images, labels)`` used
             instead of ``output_transform``.
         forward: callable (network, images) -> output for the handler's forward pass (default
             ``network(images)``).
-        output_key: key of a dict output.
-        mask: pixels that shape the prototypes: None, "nonzero" or a callable images -> (B, 1, *S).
-        empty: Dice convention for two empty maps ("one" or "nan").
 
     Attributes:
         history: one row per epoch and layer: ``epoch``, ``iteration``, ``depth``, ``layer``,
@@ -127,6 +121,8 @@ class SAHandler:
         >>> evaluator.run()  # doctest: +SKIP
         >>> evaluator.state.metrics["sa/pred/mean"]  # doctest: +SKIP
     """
+
+    step_column = "iteration"
 
     def __init__(
         self,
@@ -144,63 +140,36 @@ class SAHandler:
         forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
         output_key: str | None = None,
         mask: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
-        empty: Literal["one", "nan"] = "one",
+        empty: EmptyRule = "one",
     ):
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be a positive integer or None (all iterations), got {num_batches!r}")
-        for name, fn in (("output_transform", output_transform), ("batch_transform", batch_transform), ("forward", forward)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be a callable, got {type(fn).__name__}")
-        if output_transform is None:
-            raise ValueError("output_transform must be a callable, got None")
-        if guide not in ("prediction", "label"):
-            raise ValueError(f'guide must be "prediction" or "label", got {guide!r}')
+        config = accumulator_config(
+            layers, units=units, guide=guide, output=output, target=target, output_key=output_key, mask=mask, empty=empty
+        )
+        super().__init__(config, num_batches=num_batches, forward=forward, prefix=metric_prefix, prefix_name="metric_prefix")
+        if not callable(output_transform):
+            raise UsageError(f"output_transform must be a callable, got {type(output_transform).__name__}", argument="output_transform")
+        if batch_transform is not None and not callable(batch_transform):
+            raise UsageError(f"batch_transform must be a callable or None, got {type(batch_transform).__name__}", argument="batch_transform")
         if network is not None and not isinstance(network, nn.Module):
-            raise ValueError(f"network must be a torch.nn.Module or None, got {type(network).__name__}")
-        self.layers = layers
-        self.num_batches = num_batches
+            raise UsageError(f"network must be a torch.nn.Module or None, got {type(network).__name__}", argument="network")
         self.output_transform = output_transform
         self.batch_transform = batch_transform
-        self.units = units
-        self.guide = guide
-        self.output = output
-        self.target = target
-        self.metric_prefix = metric_prefix
         self.network = network
-        self.forward = forward
-        self.output_key = output_key
-        self.mask = mask
-        self.empty = empty
-        self.accumulator: SAAccumulator | None = None
-        self._batches = 0
-        self._rows: list[dict[str, Any]] = []
 
     @property
-    def history(self) -> pd.DataFrame:
-        """One row per epoch and layer (see the class docstring)."""
-        columns = HISTORY_COLUMNS + (["unit_sa", "unit_sa_pred"] if self.units else [])
-        return pd.DataFrame(self._rows, columns=columns)
+    def metric_prefix(self) -> str:
+        return self.prefix
 
     def attach(self, engine: Engine) -> None:
         """Register the handler's event handlers on ``engine``.
 
         Raises:
-            ValueError: when no network is given and the engine has none (``engine.network``).
+            UsageError: when no network is given and the engine has none (``engine.network``).
         """
         network = self.network if self.network is not None else getattr(engine, "network", None)
         if not isinstance(network, nn.Module):
-            raise ValueError("the engine has no `network` attribute: give SAHandler(network=...)")
-        self.accumulator = SAAccumulator(
-            network,
-            self.layers,
-            units=self.units,
-            guide=self.guide,
-            output=self.output,
-            target=self.target,
-            output_key=self.output_key,
-            mask=self.mask,
-            empty=self.empty,
-        )
+            raise UsageError("the engine has no `network` attribute: give SAHandler(network=...)", argument="network")
+        self._accumulator_for(network)
         for event, fn in (
             (Events.EPOCH_STARTED, self.epoch_started),
             (Events.ITERATION_COMPLETED, self.iteration_completed),
@@ -210,12 +179,10 @@ class SAHandler:
                 engine.add_event_handler(event, fn)
 
     def epoch_started(self, engine: Engine) -> None:
-        self._batches = 0
-        if self.accumulator is not None:
-            self.accumulator.reset()
+        self._epoch_started()
 
     def iteration_completed(self, engine: Engine) -> None:
-        if self.accumulator is None or (self.num_batches is not None and self._batches >= self.num_batches):
+        if not self._wants_batch():
             return
         if self.batch_transform is not None:
             images, labels = self.batch_transform(engine.state.batch)
@@ -223,38 +190,15 @@ class SAHandler:
             images, labels = self.output_transform(engine.state.output)
         images, labels = _stack(images, "images"), _stack(labels, "labels")
         if images is None:
-            raise ValueError("output_transform returned no images")
-        net = self.accumulator.model
-        forward = None if self.forward is None else (lambda x: self.forward(net, x))
-        self.accumulator.update(images, labels, forward=forward)
-        self._batches += 1
+            raise UsageError("output_transform returned no images", argument="output_transform")
+        self._add_batch(images, labels)
 
     def epoch_completed(self, engine: Engine) -> None:
         if self.accumulator is None:
             return
         import ignite.distributed as idist
 
-        acc = self.accumulator
-        state = acc.state_tensor()
-        if idist.get_world_size() > 1:
-            state = idist.all_reduce(state.clone(), op="SUM")
-        acc.load_state_tensor(state)
-        table = acc.table()
-        if int(table["images"].iloc[0]) == 0:
-            return
-        labelled = bool(table["sa"].notna().any())
-        hidden = table[table["layer"] != "input"]
-        p, metrics = self.metric_prefix, engine.state.metrics
-        for row in table.itertuples(index=False):
-            if labelled:
-                metrics[f"{p}{row.layer}"] = float(row.sa)
-            metrics[f"{p}pred/{row.layer}"] = float(row.sa_pred)
-            if self.units:
-                if labelled:
-                    metrics[f"{p}unit/{row.layer}"] = float(row.unit_sa)
-                metrics[f"{p}unit_pred/{row.layer}"] = float(row.unit_sa_pred)
-        if labelled:
-            metrics[f"{p}mean"] = float(hidden["sa"].mean())
-        metrics[f"{p}pred/mean"] = float(hidden["sa_pred"].mean())
-        for row in table.to_dict("records"):
-            self._rows.append({"epoch": engine.state.epoch, "iteration": engine.state.iteration, **row})
+        def all_reduce(state: torch.Tensor) -> torch.Tensor:
+            return idist.all_reduce(state, op="SUM") if idist.get_world_size() > 1 else state
+
+        engine.state.metrics.update(self._epoch_means(all_reduce, engine.state.epoch, engine.state.iteration))
