@@ -12,13 +12,14 @@ from segability.datasets import (
     SHIFTS,
     LesionData,
     apply_shift,
-    mni,
     mni_lesions,
     mni_lesions_3d,
     mni_template,
     shifted_suite,
+    slices,
     split_slabs,
     split_slices,
+    volumes,
 )
 from segability.datasets import cache as cache_mod
 
@@ -146,8 +147,8 @@ def test_some_images_have_no_lesion_and_the_rest_one_to_three() -> None:
 def test_label_is_exactly_where_the_lesion_changed_the_image(index: int) -> None:
     size, seed = 64, 11
     source = int(split_slices("train")[index % 5])
-    full = mni._sample_2d("train", "axial", size, seed, index, source)
-    clean = mni._sample_2d("train", "axial", size, seed, index, source, lesions=False)
+    full = slices._sample_2d("train", "axial", size, seed, index, source)
+    clean = slices._sample_2d("train", "axial", size, seed, index, source, lesions=False)
     np.testing.assert_array_equal(full["brain"], clean["brain"])
     diff = full["image"] - clean["image"]
     label = full["label"]
@@ -195,7 +196,7 @@ def test_3d_shapes_determinism_and_lesions() -> None:
     assert lesion.any()
     for k in np.flatnonzero(lesion):
         img, lab = a.images[k, 0], a.labels[k, 0].astype(bool)
-        clean = mni._sample_3d("train", 24, 0, int(k), lesions=False)["image"]
+        clean = volumes._sample_3d("train", 24, 0, int(k), lesions=False)["image"]
         assert np.sign((img - clean)[lab].mean()) == a.meta.polarity[k]
         assert a.meta.n_lesions[k] == ndimage.label(lab, structure=np.ones((3, 3, 3)))[1]
 
@@ -235,7 +236,7 @@ def test_cache_round_trip_and_reuse(tmp_path, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("a cached set must not be generated again")
 
-    monkeypatch.setattr(mni, "_sample_2d", fail)
+    monkeypatch.setattr(slices, "_sample_2d", fail)
     second = mni_lesions(4, "val", size=32, seed=2, cache_dir=tmp_path)
     for name in ("images", "labels", "brain"):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))

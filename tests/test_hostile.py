@@ -26,8 +26,15 @@ import segability
 from data_factories import write_model_file
 from segability.cli.app import app
 from segability.cli.console import literal, printable
-from segability.io import find_images, load_item, load_model, pair_labels, read_image
-from segability.io.images import ImageFileError, check_image_file
+from segability.io import (
+    ImageFileError,
+    check_image_file,
+    find_images,
+    load_item,
+    load_model,
+    pair_labels,
+    read_image,
+)
 
 runner = CliRunner()
 SHAPE = (1, 64, 64)
@@ -163,8 +170,9 @@ def test_cli_records_special_files_per_file_and_analyses_the_rest(nets, tmp_path
     assert f"1 of {len(bad) + 1} images analysed, {len(bad)} failed" in result.stdout
     errors = pd.read_csv(out / "errors.csv")
     assert sorted(Path(f).name for f in errors["file"]) == sorted(bad)
+    assert (errors["stage"] == "read").all()
     for file, error in zip(errors["file"], errors["error"], strict=True):
-        assert error.startswith("reading failed: ImageFileError: ")
+        assert error.startswith("ImageFileError: ")
         assert re.search(bad[Path(file).name], error), error
     res = segability.load_result(out)
     assert list(res.images["image"]) == ["good.npy"]
@@ -303,13 +311,14 @@ def test_cli_analyses_a_folder_named_like_a_pattern(nets, tmp_path):
 def test_a_text_file_is_not_weights(unets, tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("these are my notes\n")
-    with pytest.raises(ValueError, match=r"--weights: .*notes\.pt is not a PyTorch weights file \(it starts with b'these are my not") as info:
+    with pytest.raises(ValueError, match=r"weights: .*notes\.pt is not a PyTorch weights file \(it starts with b'these are my not") as info:
         load_model(f"{unets}:unet", path)
     assert "--trust-pickle" not in str(info.value)
     result = run("layers", "--model", f"{unets}:unet", "--weights", path)
     assert result.exit_code == 2 and "is not a PyTorch weights file" in result.stderr and "--trust-pickle" not in result.stderr
+    assert "--weights: " in result.stderr  # the CLI names the flag
     (tmp_path / "zero.pt").symlink_to("/dev/zero")
-    with pytest.raises(ValueError, match=r"--weights: .*zero\.pt is a character device \(a link to /dev/zero\), not a regular file"):
+    with pytest.raises(ValueError, match=r"weights: .*zero\.pt is a character device \(a link to /dev/zero\), not a regular file"):
         load_model(f"{unets}:unet", tmp_path / "zero.pt")
 
 

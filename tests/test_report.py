@@ -25,25 +25,17 @@ from report_fixtures import MALICIOUS_IMAGE, MALICIOUS_LAYER, MALICIOUS_SETTING,
 from segability.cli.app import app
 from segability.estimation.selection import layer_roles
 from segability.report import IncompleteRunError, build_report
-from segability.report.data import (
-    describe_images,
-    parse_findings,
-    quality_table,
-    read_result_folder,
-)
-from segability.report.figures import (
-    SliceView,
-    blend,
-    focus_box,
+from segability.report.figures.charts import (
     history_chart,
-    layer_labels,
-    pick_slice,
     quality_scatter_chart,
     sa_per_layer_chart,
-    short_labels,
     unit_matrix,
 )
-from segability.report.html import quality_columns
+from segability.report.figures.labels import layer_labels, short_labels
+from segability.report.figures.thumbnails import SliceView, blend, focus_box, pick_slice
+from segability.report.folder import parse_findings, read_result_folder
+from segability.report.sections.quality import quality_columns
+from segability.report.summaries import describe_images, quality_table
 
 FINDINGS = [
     "Mean SA against the prediction ranks images as Dice does.",
@@ -405,7 +397,7 @@ def test_scatter_caption_gives_spearman_and_pearson_of_the_folder(full):
 def test_rank_correlations_with_ties_match_scipy():
     from scipy import stats
 
-    from segability.report.html import _pearson, _spearman
+    from segability.report.sections.quality import _pearson, _spearman
 
     x = np.array([0.1, 0.4, 0.4, 0.9, 0.3, 0.3, 0.8])
     y = np.array([0.2, 0.5, 0.1, 0.9, 0.3, 0.6, 0.6])
@@ -792,6 +784,29 @@ def test_cli_errors(full, tmp_path):
     assert "cli finding" in (tmp_path / "y.html").read_text(encoding="utf-8")
 
 
+def test_cli_exit_codes_say_what_failed(tmp_path, monkeypatch):
+    runner = CliRunner()
+    root = write_result(tmp_path / "run", n_images=2, keep_maps=0, units=0)
+    (root / "images.parquet").unlink()
+    res = runner.invoke(app, ["report", str(root)])
+    assert res.exit_code == 2, res.output  # IncompleteRunError: resume the run, then report
+    assert res.output.count("\n") == 1 and res.output.startswith("error: result_dir")
+    assert "incomplete run" in res.output and "--resume" in res.output
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr("segability.report.build_report", broken)
+    res = runner.invoke(app, ["report", str(root)])
+    assert res.exit_code == 1
+    assert res.output == "error: RuntimeError: the disk is full\n"  # one line, no traceback
+    res = runner.invoke(app, ["report", str(root), "--debug"])
+    assert res.exit_code == 1
+    assert "Traceback (most recent call last)" in res.output and "in broken" in res.output
+    assert res.output.endswith("error: RuntimeError: the disk is full\n")
+    assert "in broken" in runner.invoke(app, ["--debug", "report", str(root)]).output
+
+
 def test_size_of_a_50_image_20_layer_run(tmp_path):
     root = write_result(
         tmp_path / "run", n_images=50, n_layers=20, spatial=(96, 96), units=16, keep_maps=50
@@ -953,7 +968,7 @@ def _overlaps(fig, legend_of) -> bool:
 def test_legends_sit_outside_the_data(full):
     root, _ = full
     folder = read_result_folder(root)
-    from segability.report.data import layer_summary
+    from segability.report.summaries import layer_summary
 
     summary = layer_summary(folder.layers)
     roles = layer_roles(summary["layer"])

@@ -1,4 +1,9 @@
-"""``segability report RESULT_DIR``: the HTML report of a result folder."""
+"""``segability report RESULT_DIR``: the HTML report of a result folder.
+
+Exit codes: 0 written; 2 a usage error, or a result folder whose run has not merged its tables
+(:class:`segability.report.IncompleteRunError`: resume the run first); 1 any other error in building
+the report, said in one line (the traceback with ``--debug``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from segability.cli.app import app
 
 @app.command()
 def report(
+    ctx: typer.Context,
     result_dir: Annotated[
         Path,
         typer.Argument(
@@ -61,16 +67,21 @@ def report(
             help="JSON list of statements for 'What this run shows' (default: RESULT_DIR/findings.json).",
         ),
     ] = None,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Print the traceback of an error (as segability --debug does)."),
+    ] = False,
 ) -> None:
     """Write a self-contained HTML report of a result folder."""
     import json
+    import traceback
 
     from rich.console import Console
 
-    from segability.cli.console import literal, printable
-    from segability.report import build_report
+    from segability.cli.console import EXIT_USAGE, fail, literal, printable
+    from segability.report import IncompleteRunError, build_report
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a message stays on one line
     try:
         statements = None
         if findings is not None:
@@ -92,8 +103,12 @@ def report(
                 title=title,
                 findings=statements,
             )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        console.print(f"[red]Error:[/red] {literal(err)}", highlight=False)
-        raise typer.Exit(1) from err
+    except IncompleteRunError as err:
+        fail(console, err, EXIT_USAGE)
+    except Exception as err:
+        if debug or ctx.meta.get("segability.debug"):
+            console.print(literal("".join(traceback.format_exception(err))), highlight=False)
+        known = isinstance(err, (ValueError, FileNotFoundError, FileExistsError))
+        fail(console, err if known else f"{type(err).__name__}: {err}", 1)
     size = path.stat().st_size / 1e6
     typer.echo(f"Wrote {printable(path)} ({size:.1f} MB)")

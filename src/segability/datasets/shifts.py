@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from segability.datasets.mni import LesionData
+from segability.datasets.lesion_data import LesionData
 
 __all__ = ["SHIFTS", "apply_shift", "shifted_suite"]
 
