@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from browser import DevTools
+from browser import chromium as _chromium
+from browser import unavailable as _unavailable
 from report_fixtures import MALICIOUS_IMAGE, MALICIOUS_LAYER, MALICIOUS_SETTING, write_result
 from segability.report import build_report
 
@@ -31,147 +29,6 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "test-artifacts" / "report-screenshot.png"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--remote-debugging-port=0",
-    "--remote-debugging-address=127.0.0.1",
-]
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the browser tests must run)")
-    pytest.skip(reason)
-
-
-def _chromium() -> str | None:
-    return (
-        os.environ.get("SEGABILITY_CHROMIUM")
-        or shutil.which("chromium")
-        or shutil.which("chromium-browser")
-    )
-
-
-class DevTools:
-    """A minimal DevTools-protocol client: one page, commands answered in order, events kept."""
-
-    def __init__(self, executable: str, profile: Path, timeout: float = 20.0):
-        import websocket
-
-        self.events: list[dict] = []
-        self.dialogs: list[dict] = []
-        self._id = 0
-        self.proc = subprocess.Popen(
-            [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("Chromium did not open its DevTools port")
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({})
-        )  # localhost, never a proxy
-        pages = []
-        while not pages:
-            with opener.open(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as r:
-                pages = [t for t in json.load(r) if t.get("type") == "page"]
-            if not pages:
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError("Chromium opened no page")
-                time.sleep(0.05)
-        self.ws = websocket.create_connection(
-            pages[0]["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True
-        )
-
-    def send(self, method: str, timeout: float = 20.0, **params) -> dict:
-        """Send a command and wait for its answer; events that arrive meanwhile are kept."""
-        self._id += 1
-        mine = self._id
-        self.ws.send(json.dumps({"id": mine, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._recv(deadline)
-            if msg.get("id") == mine:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-
-    def wait_event(self, method: str, timeout: float = 20.0) -> dict:
-        """Wait for an event (or return one already received)."""
-        for ev in self.events:
-            if ev["method"] == method:
-                return ev
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._recv(deadline)
-            if msg.get("method") == method:
-                return msg
-
-    def _recv(self, deadline: float) -> dict:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no answer from Chromium")
-        self.ws.settimeout(remaining)
-        msg = json.loads(self.ws.recv())
-        if "method" in msg:
-            self.events.append(msg)
-            if msg["method"] == "Page.javascriptDialogOpening":
-                # a dialog blocks the page: record it, dismiss it, answer comes later (ignored)
-                self.dialogs.append(msg["params"])
-                self._id += 1
-                self.ws.send(
-                    json.dumps(
-                        {
-                            "id": self._id,
-                            "method": "Page.handleJavaScriptDialog",
-                            "params": {"accept": False},
-                        }
-                    )
-                )
-        return msg
-
-    def js(self, expression: str, await_promise: bool = False):
-        """Evaluate JavaScript in the page and return its value."""
-        res = self.send(
-            "Runtime.evaluate",
-            expression=expression,
-            returnByValue=True,
-            awaitPromise=await_promise,
-        )
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"JS error: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-    def click(self, x: float, y: float) -> None:
-        """A real left click (pressed + released) at page viewport coordinates."""
-        for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def close(self) -> None:
-        """Close the connection and end the browser process started here."""
-        ws = getattr(self, "ws", None)
-        if ws is not None:
-            ws.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,14 @@ import traceback
 
 import click
 import typer
+from typer import exceptions as _typer_exceptions
 from typer.core import TyperGroup
 
-# Python arguments whose flag is not the argument's name with "-" for "_".
-_FLAGS = {"model_args": "--model-arg", "labels_dir": "--labels", "images_dir": "--images"}
-
-
-def flag_of(argument: str) -> str:
-    """The command-line flag of a library argument (``label_suffix`` -> ``--label-suffix``)."""
-    return _FLAGS.get(argument, "--" + argument.replace("_", "-"))
-
-
-def usage_message(err: ValueError) -> str:
-    """A library usage error in the words of the command line: its argument named by its flag."""
-    text, argument = str(err), getattr(err, "argument", None)
-    if argument and text.startswith(argument):
-        return flag_of(argument) + text[len(argument) :]
-    if argument:
-        return f"{flag_of(argument)}: {text}"
-    return text
-
+# Exits and click's own errors (typer bundles its own copy of click) are not ours to translate.
+_PASS_THROUGH = (
+    SystemExit, _typer_exceptions.TyperException, _typer_exceptions.Exit, _typer_exceptions.Abort,
+    click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort,
+)  # fmt: skip
 
 class _Commands(TyperGroup):
     """Turns what a command raises into a message and an exit code, in one place.
@@ -40,12 +28,12 @@ class _Commands(TyperGroup):
     """
 
     def invoke(self, ctx: click.Context):
-        from segability.cli.console import literal
+        from segability.cli.console import literal, usage_message
         from segability.errors import UsageError
 
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        except _PASS_THROUGH:
             raise
         except (UsageError, FileExistsError) as err:
             message = usage_message(err) if isinstance(err, UsageError) else str(err)
@@ -109,6 +97,7 @@ from segability.cli import (
     prune,  # noqa: E402,F401
     qc,  # noqa: E402,F401
     report,  # noqa: E402,F401
+    review,  # noqa: E402,F401
 )
 
 if __name__ == "__main__":  # `python -m segability.cli.app`: run the module the commands registered on
