@@ -1,0 +1,277 @@
+"""Issue 14: the SA-profile estimator against mean SA and the baselines, on two tasks, honestly split.
+
+Tasks: the demo (shipped lesion UNet, ``segability.demo.demo_data``: 48 clean test slices + 24 of
+them under 8 shift families at 4 severities) and the second task (CSF SegResNet,
+``benchmarks/second_task.py``: the same design on ``mni_csf`` slices). Per task, once: the analysis
+(``segability.analyze``), the SA profile with the reference cache (16 labelled *validation* images,
+never evaluated), and the baselines (``segability.estimation.qc.baseline_scores``).
+
+Protocol, per seed (3): the clean source images are split in half; every version of a source image
+stays on its side. Calibration = the calibration half's clean images + their shifted versions;
+evaluation = the other half. **Leave one shift family out**: the shifted evaluation images of family
+f are estimated by an estimator whose calibration never saw family f; the clean evaluation images
+by one fitted on every family. Every method (the profile estimator and each baseline, calibrated
+linearly to Dice on the same rows) goes through the same folds. ``seen families`` repeats the
+profile estimator with every family in calibration (an upper reference, not the honest figure).
+
+Metrics on the evaluation half, mean over seeds: Spearman, Pearson, MAE (clean images / all),
+AURC, e-AURC, AUROC of failure (Dice < 0.75), the share of failures caught at a 10/20/30% review
+budget and that share for a perfect ranking, interval coverage, and the cost per image as a
+multiple of one forward pass.
+
+    python benchmarks/qc_profile.py --out runs/qc-profile          # ~25 min on 2 CPU cores
+    python benchmarks/qc_profile.py --quick --out runs/qc-profile-quick   # < 3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from segability import analyze  # noqa: E402
+from segability.datasets import SHIFTS, shifted_suite  # noqa: E402
+from segability.estimation.calibration import state_dict_hash  # noqa: E402
+from segability.estimation.estimator import QualityEstimator  # noqa: E402
+from segability.estimation.evaluation import aurc, eaurc, failure_auroc, pearson, spearman  # noqa: E402
+from segability.estimation.profile import body_mask, profile_layers, sa_profile  # noqa: E402
+from segability.estimation.qc import baseline_scores  # noqa: E402
+from segability.estimation.reverse import ReferenceCache  # noqa: E402
+
+THRESHOLD = 0.75
+BUDGETS = (0.1, 0.2, 0.3)
+QUICK_SHIFTS = ("gaussian_noise", "blur", "bias_field", "contrast")
+QUICK_SEVERITIES = (0.5, 1.0)
+BASELINES = {  # method -> (score columns, passes per image by design)
+    "mean SA (sa_all)": (["mean_sa_pred"], None),
+    "sa_all+input": (["mean_sa_pred", "input_sa_pred"], None),
+    "entropy": (["entropy"], 1),
+    "boundary confidence": (["boundary_confidence"], 1),
+    "max prob foreground": (["max_prob_foreground"], 1),
+    "TTA flip agreement": (["tta_flip"], 4),
+    "MC dropout agreement": (["mc_dropout"], 8),
+}
+
+
+# ------------------------------------------------------------------------------------ tasks
+def demo_task(quick: bool):
+    from segability.datasets import mni_lesions
+    from segability.demo import DemoConfig, demo_data
+    from segability.models import load_reference_model
+
+    cfg = DemoConfig(n_test=16, n_shift=8, severities=QUICK_SEVERITIES, shifts=QUICK_SHIFTS) if quick else DemoConfig()
+    clean, suite = demo_data(cfg, None)
+    refs = mni_lesions(32, "val", size=cfg.size, seed=3)
+    return "demo (lesion UNet)", load_reference_model(), clean, suite, refs
+
+
+def csf_task(quick: bool):
+    from second_task import CSFConfig, load_csf_model
+
+    from segability.datasets.tissue import mni_csf
+
+    cfg = CSFConfig()
+    n_test, n_shift = (16, 8) if quick else (48, 24)
+    severities = QUICK_SEVERITIES if quick else (0.25, 0.5, 0.75, 1.0)
+    shifts = QUICK_SHIFTS if quick else SHIFTS
+    clean = mni_csf(n_test, "test", size=cfg.size, seed=7)
+    suite = shifted_suite(clean.subset(list(range(n_shift))), shifts=shifts, severities=severities, seed=7)
+    refs = mni_csf(32, "val", size=cfg.size, seed=3)
+    return "CSF (SegResNet)", load_csf_model(cfg), clean, suite, refs
+
+
+def measure(name, model, clean, suite, refs, n_refs: int = 16) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Profile, baselines, Dice and metadata per image (clean + suite), and the costs."""
+    x = torch.from_numpy(np.concatenate([clean.images, suite.images])).float()
+    y = torch.from_numpy(np.concatenate([clean.labels, suite.labels])).float()
+    ids = list(clean.ids) + list(suite.ids)
+    meta = pd.DataFrame({
+        "image": ids,
+        "source": list(clean.ids) + suite.meta["source_id"].astype(str).tolist(),
+        "family": ["clean"] * len(clean) + suite.meta["shift"].astype(str).tolist(),
+        "severity": [0.0] * len(clean) + suite.meta["severity"].astype(float).tolist(),
+    })  # fmt: skip
+    cost: dict[str, float] = {}
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(x), 32):
+            model(x[s : s + 32])
+    cost["forward_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = analyze(model, x, y, ids=ids, batch_size=32)
+    cost["analyze_s"] = time.perf_counter() - t
+    layers = profile_layers(result)
+    has = np.asarray([int(v.sum()) > 0 for v in refs.labels])
+    pick = np.flatnonzero(has)[:n_refs]
+    rx, ry = (torch.from_numpy(a[pick]).float() for a in (refs.images, refs.labels))
+    t = time.perf_counter()
+    cache = ReferenceCache.build(model, rx, ry, layers, body_mask=body_mask, ids=[refs.ids[i] for i in pick])
+    cost["reference_cache_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    profile = sa_profile(model, x, result, references=cache, ids=ids, batch_size=32)
+    cost["profile_s"] = time.perf_counter() - t
+    n_time = min(len(x), 64)
+    t = time.perf_counter()
+    sa_profile(model, x[:n_time], result, references=None, ids=ids[:n_time], batch_size=32)
+    without = time.perf_counter() - t
+    t = time.perf_counter()
+    sa_profile(model, x[:n_time], result, references=cache, ids=ids[:n_time], batch_size=32)
+    cost["reverse_share"] = (time.perf_counter() - t - without) / max(time.perf_counter() - t, 1e-9)
+    cost["reverse_s"] = cost["profile_s"] * max(cost["reverse_share"], 0.0)
+    t = time.perf_counter()
+    base = baseline_scores(model, x, ids=ids, batch_size=32)
+    cost["baselines_s"] = time.perf_counter() - t
+    images = result.images[["image", "dice", "mean_sa_pred", "input_sa_pred"]].astype({"image": str})
+    table = meta.merge(images, on="image").merge(base, on="image")
+    print(f"[{name}] {len(x)} images, {len(layers) - 1} layers; Dice mean {table['dice'].mean():.3f}; "
+          f"forward {cost['forward_s']:.1f} s, analyze {cost['analyze_s']:.1f} s, profile {cost['profile_s']:.1f} s", flush=True)
+    return table, profile, cost
+
+
+# ------------------------------------------------------------------------------- protocol
+def linear_fit(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(x).all(1) & np.isfinite(y)
+    design = np.column_stack([x[ok], np.ones(ok.sum())])
+    coef, *_ = np.linalg.lstsq(design, y[ok], rcond=None)
+    out = np.column_stack([x_new, np.ones(len(x_new))]) @ coef
+    return np.where(np.isfinite(out), np.clip(out, 0, 1), math.nan)
+
+
+def evaluate(table: pd.DataFrame, profile: pd.DataFrame, model_hash: str, seeds: int, quick: bool) -> pd.DataFrame:
+    families = sorted(set(table["family"]) - {"clean"})
+    sources = np.array(sorted(table.loc[table["family"] == "clean", "source"].unique()))
+    dice = table["dice"].to_numpy(float)
+    kinds = ("ridge",) if quick else ("ridge", "trees")
+    rows = []
+    for seed in range(seeds):
+        perm = np.random.default_rng(seed).permutation(sources)
+        cal_src = set(perm[: len(perm) // 2])
+        is_cal = table["source"].isin(cal_src).to_numpy()
+        is_eval = ~is_cal
+        estimates: dict[str, np.ndarray] = {}
+        confidence: dict[str, np.ndarray] = {}
+        lower = np.full(len(table), math.nan)
+        upper = np.full(len(table), math.nan)
+        seen = None
+        for held in [None, *families]:
+            cal = is_cal & (table["family"] != held).to_numpy()
+            target = is_eval & ((table["family"] == held).to_numpy() if held else (table["family"] == "clean").to_numpy())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = QualityEstimator.fit(profile[cal], dice[cal], table.loc[cal, "source"], model_hash=model_hash,
+                                           kinds=kinds, seed=seed)  # fmt: skip
+            if held is None:
+                seen = est.predict(profile[is_eval])
+            pred = est.predict(profile[target])
+            for key in ("profile estimator",):
+                estimates.setdefault(key, np.full(len(table), math.nan))[target] = pred["estimated_dice"].to_numpy()
+                trust = np.where(pred["out_of_range"], -1.0, pred["lower"].to_numpy())
+                confidence.setdefault(key, np.full(len(table), math.nan))[target] = trust
+            lower[target], upper[target] = pred["lower"].to_numpy(), pred["upper"].to_numpy()
+            for method, (cols, _) in BASELINES.items():
+                if not all(c in table for c in cols) or table[cols].isna().all().any():
+                    continue
+                e = linear_fit(table.loc[cal, cols].to_numpy(float), dice[cal], table.loc[target, cols].to_numpy(float))
+                estimates.setdefault(method, np.full(len(table), math.nan))[target] = e
+                confidence.setdefault(method, np.full(len(table), math.nan))[target] = e
+        estimates["profile (seen families)"] = np.full(len(table), math.nan)
+        estimates["profile (seen families)"][is_eval] = seen["estimated_dice"].to_numpy()
+        confidence["profile (seen families)"] = np.full(len(table), math.nan)
+        confidence["profile (seen families)"][is_eval] = np.where(seen["out_of_range"], -1.0, seen["lower"].to_numpy())
+        for method, est in estimates.items():
+            rows.append({"seed": seed, "method": method, **metrics(dice[is_eval], est[is_eval], confidence[method][is_eval],
+                                                                  (table.loc[is_eval, "family"] == "clean").to_numpy())})
+            if method == "profile estimator":
+                inside = (dice[is_eval] >= lower[is_eval]) & (dice[is_eval] <= upper[is_eval])
+                rows[-1]["coverage"] = float(inside.mean())
+                rows[-1]["out_of_range"] = float(np.mean(confidence[method][is_eval] == -1.0))
+    return pd.DataFrame(rows)
+
+
+def metrics(dice: np.ndarray, est: np.ndarray, conf: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+    ok = np.isfinite(est) & np.isfinite(dice)
+    out = {
+        "spearman": spearman(est[ok], dice[ok]),
+        "pearson": pearson(est[ok], dice[ok]),
+        "mae_clean": float(np.mean(np.abs(est - dice)[ok & clean])),
+        "mae": float(np.mean(np.abs(est - dice)[ok])),
+        "aurc": aurc(1 - dice, conf),
+        "eaurc": eaurc(1 - dice, conf),
+        "auroc": failure_auroc(dice, conf, THRESHOLD),
+    }
+    fail = dice < THRESHOLD
+    suspicion = np.where(np.isfinite(conf), -conf, np.inf)
+    order = np.argsort(-suspicion, kind="stable")
+    for b in BUDGETS:
+        k = int(math.ceil(b * len(dice)))
+        caught = fail[order[:k]].sum() / max(fail.sum(), 1)
+        perfect = min(k, fail.sum()) / max(fail.sum(), 1)
+        out[f"caught@{int(b * 100)}"] = float(caught)
+        out[f"perfect@{int(b * 100)}"] = float(perfect)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/qc-profile"))
+    parser.add_argument("--quick", action="store_true", help="reduced data, one seed, ridge only (< 3 min)")
+    parser.add_argument("--tasks", default="demo,csf")
+    parser.add_argument("--reuse", action="store_true", help="reuse the measured tables in --out")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = 1 if args.quick else 3
+    summaries = []
+    for task in args.tasks.split(","):
+        make = {"demo": demo_task, "csf": csf_task}[task]
+        name, model, clean, suite, refs = make(args.quick)
+        files = [args.out / f"{task}_{k}.parquet" for k in ("scores", "profile", "cost")]
+        if args.reuse and all(f.exists() for f in files):
+            table, profile = pd.read_parquet(files[0]), pd.read_parquet(files[1])
+            cost = pd.read_parquet(files[2]).iloc[0].to_dict()
+        else:
+            table, profile, cost = measure(name, model, clean, suite, refs)
+            table.to_parquet(files[0])
+            profile.to_parquet(files[1])
+            pd.DataFrame([cost]).to_parquet(files[2])
+        per_seed = evaluate(table, profile, state_dict_hash(model), seeds, args.quick)
+        per_seed.to_csv(args.out / f"{task}_per_seed.csv", index=False)
+        agg = per_seed.groupby("method", sort=False).mean(numeric_only=True).drop(columns="seed")
+        sd = per_seed.groupby("method", sort=False).std(ddof=0, numeric_only=True)
+        agg["spearman_sd"] = sd["spearman"]
+        fwd = cost["forward_s"]
+        passes = {m: p for m, (_, p) in BASELINES.items()}
+        sa_cost = cost["analyze_s"] / fwd
+        agg["cost_x_forward"] = [
+            (cost["analyze_s"] + cost["profile_s"]) / fwd if m.startswith("profile")
+            else sa_cost if passes.get(m) is None else float(passes[m])
+            for m in agg.index
+        ]  # fmt: skip
+        agg.insert(0, "task", name)
+        agg = agg.sort_values("spearman", ascending=False)
+        summaries.append(agg.reset_index())
+        failures = float((table["dice"] < THRESHOLD).mean())
+        print(f"\n== {name}: {len(table)} images, Dice mean {table['dice'].mean():.3f}, failures (Dice < {THRESHOLD}) "
+              f"{failures:.0%}; reverse SA {cost['reverse_s'] / fwd:.2f}x forward, profile {cost['profile_s'] / fwd:.2f}x, "
+              f"analysis {sa_cost:.2f}x")  # fmt: skip
+        show = ["spearman", "pearson", "mae_clean", "mae", "aurc", "eaurc", "auroc", "caught@10", "caught@20",
+                "caught@30", "perfect@30", "coverage", "cost_x_forward"]  # fmt: skip
+        with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+            print(agg[[c for c in show if c in agg]])
+    out = pd.concat(summaries, ignore_index=True)
+    out.to_csv(args.out / "qc_profile.csv", index=False)
+    print(f"\nwritten: {args.out / 'qc_profile.csv'}")
+
+
+if __name__ == "__main__":
+    main()
