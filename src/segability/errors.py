@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["UsageError", "as_usage_error"]
 
 
 class UsageError(ValueError):
@@ -24,3 +27,23 @@ class UsageError(ValueError):
     def __init__(self, message: str, *, argument: str | None = None):
         super().__init__(message)
         self.argument = argument
+
+
+@contextlib.contextmanager
+def as_usage_error(argument: str) -> Iterator[None]:
+    """Inside, a ``ValueError`` of a parser or reader becomes a :class:`UsageError` about ``argument``.
+
+    Example:
+        >>> try:
+        ...     with as_usage_error("roi_size"):
+        ...         int("a")
+        ... except UsageError as err:
+        ...     print(err.argument)
+        roi_size
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc), argument=argument) from exc

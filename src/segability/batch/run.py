@@ -25,7 +25,7 @@ import datetime as _dt
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +50,7 @@ from segability.batch.config import EngineKind, FilesConfig, ModelSource
 from segability.batch.engines import Task, Worker, run_local, run_ray
 from segability.batch.fingerprint import changes, run_fingerprint
 from segability.batch.shards import Item, ShardStore, merge
-from segability.errors import UsageError
+from segability.errors import UsageError, as_usage_error
 from segability.io import find_images, load_item, load_model, load_preprocess, pair_labels
 from segability.progress import progress_bar
 
@@ -183,15 +183,6 @@ def analyze_files(
     return run_files(source, files, config)
 
 
-@contextlib.contextmanager
-def _usage(argument: str) -> Iterator[None]:
-    """A ``ValueError`` of the file and model readers, raised up front, is a usage error of ``argument``."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as exc:
-        raise UsageError(str(exc), argument=argument) from exc
 
 
 def run_files(source: ModelSource, files: FilesConfig, config: AnalysisConfig) -> BatchSummary:
@@ -206,12 +197,12 @@ def run_files(source: ModelSource, files: FilesConfig, config: AnalysisConfig) -
         raise UsageError(f'mask must be None or "nonzero" for image files, got {config.scoring.mask!r}', argument="mask")
     if config.scoring.guide == "label" and files.labels is None:
         raise UsageError("labels must be given with guide='label' (its prototypes come from the labels)", argument="labels")
-    with _usage("images"):
+    with as_usage_error("images"):
         found = find_images(files.images, argument="images")
-    with _usage("labels"):
+    with as_usage_error("labels"):
         pairing = pair_labels(found, files.labels, label_suffix=files.label_suffix, argument="labels")
     items = _items(pairing.pairs)
-    with _usage("preprocess"):
+    with as_usage_error("preprocess"):
         preprocess = load_preprocess(files.preprocess, argument="preprocess")
 
     out = Path(files.out)
@@ -224,9 +215,9 @@ def run_files(source: ModelSource, files: FilesConfig, config: AnalysisConfig) -
         )
     spec = _absolute_spec(source.model)
     # Load once here: a bad model, weights file or layer is a usage error before any work starts.
-    with _usage("model"):
+    with as_usage_error("model"):
         local_model = load_model(spec, source.weights, trust_pickle=source.trust_pickle, device="cpu", model_args=source.model_args)
-    with _usage("layers"):
+    with as_usage_error("layers"):
         names = layer_names(local_model, config.capture.layers)
     _check_target(config.readout, items, preprocess)
     fingerprint = run_fingerprint(

@@ -7,10 +7,8 @@ codes: 0 every image analysed, 1 some image failed (listed in ``errors.csv``), 2
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,26 +16,15 @@ import typer
 
 from segability.cli.app import app
 from segability.cli.console import EXIT_FAILED, exit_with, fail, literal, usage_message
-from segability.errors import UsageError
+from segability.cli.options import split_list
+from segability.errors import UsageError, as_usage_error
 
 # The stage of a failed image (errors.csv), in words.
 STAGES = {"read": "reading failed", "model": "the model failed", "analysis": "analysis failed",
           "not_run": "not analysed"}  # fmt: skip
 
 
-@contextlib.contextmanager
-def _usage(argument: str) -> Iterator[None]:
-    """A ``ValueError`` of a parser or reader, raised up front, is a usage error of ``argument``."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as exc:
-        raise UsageError(str(exc), argument=argument) from exc
 
-
-def _split(values: list[str] | None) -> list[str]:
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
 @app.command("analyze")
@@ -87,13 +74,13 @@ def analyze_command(
         from segability.batch import analyze_files
         from segability.io import parse_model_args, parse_shape
 
-        with _usage("model_args"):
+        with as_usage_error("model_args"):
             args = parse_model_args(model_arg, argument="model_args")
-        with _usage("roi_size"):
+        with as_usage_error("roi_size"):
             roi = None if roi_size is None else parse_shape(roi_size, argument="roi_size")
         summary = analyze_files(
             model, images, labels, out=out, weights=weights, model_args=args, trust_pickle=trust_pickle,
-            layers=_split(layers) or "auto", units=units, guide=guide, output=output, target=target, mask=mask,
+            layers=split_list(layers) or "auto", units=units, guide=guide, output=output, target=target, mask=mask,
             output_key=output_key, preprocess=preprocess, label_suffix=label_suffix, roi_size=roi, overlap=overlap,
             sw_batch_size=sw_batch_size, keep_maps=keep_maps, engine=engine, ray_address=ray_address, workers=workers,
             gpus_per_worker=gpus_per_worker, device=device, resume=resume, force=force, report=not no_report,
@@ -161,11 +148,11 @@ def layers_command(
         from segability import list_layers
         from segability.io import load_model, parse_model_args, parse_shape
 
-        with _usage("model_args"):
+        with as_usage_error("model_args"):
             args = parse_model_args(model_arg, argument="model_args")
-        with _usage("model"):
+        with as_usage_error("model"):
             net = load_model(model, weights, trust_pickle=trust_pickle, device=device, model_args=args)
-        with _usage("example_shape"):
+        with as_usage_error("example_shape"):
             example = None if example_shape is None else torch.zeros(parse_shape(example_shape, argument="example_shape"), device=device)
         try:
             infos = list_layers(net, example)

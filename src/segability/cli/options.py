@@ -13,11 +13,10 @@ written once, here (:data:`SHARED`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from segability.cli.console import flag
+from segability.errors import as_usage_error
 
 __all__ = ["FileOptions", "SHARED", "ANALYSIS_FIELDS", "file_options", "split_list"]
 
@@ -119,7 +119,7 @@ class FileOptions:
         """
         from segability.io import parse_model_args
 
-        with _usage("model_args"):
+        with as_usage_error("model_args"):
             return parse_model_args(self.model_arg, argument="model_args")
 
     def roi(self) -> tuple[int, ...] | None:
@@ -132,7 +132,7 @@ class FileOptions:
 
         if self.roi_size is None:
             return None
-        with _usage("roi_size"):
+        with as_usage_error("roi_size"):
             return parse_shape(self.roi_size, argument="roi_size")
 
     def analyze_files_kwargs(self) -> dict[str, Any]:
@@ -163,17 +163,6 @@ def split_list(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
-@contextlib.contextmanager
-def _usage(argument: str) -> Iterator[None]:
-    """A ``ValueError`` of a parser is a usage error of ``argument``."""
-    from segability.errors import UsageError
-
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as exc:
-        raise UsageError(str(exc), argument=argument) from exc
 
 
 def file_options(command: Callable[..., Any]) -> Callable[..., Any]:
