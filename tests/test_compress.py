@@ -196,6 +196,23 @@ def test_saved_model_reloads_to_the_same_outputs(tmp_path):
         load_pruned(tmp_path / "other.pt")
 
 
+def test_a_file_runs_only_a_factory_it_may_name(tmp_path):
+    # a crafted file naming any callable must not get it called
+    save_pruned(nn.Conv2d(1, 1, 1), tmp_path / "evil.pt", factory="os:system", factory_args={"command": "true"})
+    with pytest.raises(ValueError, match="factory="):
+        load_pruned(tmp_path / "evil.pt")
+    save_pruned(nn.Conv2d(1, 1, 1), tmp_path / "file.pt", factory=f"{tmp_path / 'net.py'}:build")
+    with pytest.raises(ValueError, match="factory="):
+        load_pruned(tmp_path / "file.pt")
+    # an nn.Module class is trusted; the caller may name any factory
+    conv = nn.Conv2d(2, 3, 1)
+    save_pruned(conv, tmp_path / "conv.pt", factory="torch.nn:Conv2d", factory_args={"in_channels": 2, "out_channels": 3, "kernel_size": 1})
+    x = torch.rand(1, 2, 4, 4)
+    torch.testing.assert_close(load_pruned(tmp_path / "conv.pt")(x), conv(x))
+    (tmp_path / "net.py").write_text("from torch import nn\n\ndef build():\n    return nn.Conv2d(1, 1, 1)\n")
+    assert isinstance(load_pruned(tmp_path / "file.pt", factory=f"{tmp_path / 'net.py'}:build"), nn.Conv2d)
+
+
 # ----------------------------------------------------------------------------- rankings
 def _coupled() -> tuple[nn.Module, torch.Tensor]:
     """Two 1x1 convolutions added together (one group of 3 units), then a head."""
@@ -366,3 +383,48 @@ def test_cli_structural_demo_writes_a_table_a_figure_and_loadable_models(tmp_pat
     assert again.exit_code == 2 and "--force" in again.output
     bad = CliRunner().invoke(app, [*args, "--force", "--rankings", "sa,hessian"])
     assert bad.exit_code == 2 and "hessian" in bad.output
+
+
+TOY_FACTORY = '''
+from collections import OrderedDict
+from torch import nn
+
+
+def build():
+    return nn.Sequential(OrderedDict(feat=nn.Conv2d(2, 2, 1), head=nn.Conv2d(2, 1, 1)))
+'''
+
+
+def test_cli_structural_with_a_model_file_fine_tunes_on_the_ranking_set(tmp_path):
+    from typer.testing import CliRunner
+
+    from segability.cli.app import app
+
+    net, x, y = _toy_sa()
+    (tmp_path / "toy.py").write_text(TOY_FACTORY)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    for folder, arrays in (("img", x), ("lab", y)):
+        (tmp_path / folder).mkdir()
+        for i, a in enumerate(arrays):
+            np.save(tmp_path / folder / f"case{i}.npy", a.numpy())
+    out = tmp_path / "out"
+    common = ["prune", "--structural", "--model", f"{tmp_path / 'toy.py'}:build", "--weights", str(tmp_path / "w.pt"),
+              "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--fraction", "0.5",
+              "--rankings", "sa,l1", "--scope", "layer", "--out", str(out)]
+    missing = CliRunner().invoke(app, common)
+    assert missing.exit_code == 2 and "--rank-images" in missing.output
+    args = [*common, "--rank-images", str(tmp_path / "img"), "--rank-labels", str(tmp_path / "lab"),
+            "--finetune-epochs", "1", "--finetune-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "prune.csv")
+    assert table[["ranking", "seed", "pruned_units"]].values.tolist() == [["none", 0, 0], ["sa", 0, 1], ["l1", 0, 1]]
+    assert "dice_shift_after" not in table.columns
+    sa_before = float(output_dice(prune_units(copy.deepcopy(net), {"feat": [1]}, x), x, y).mean())
+    assert table.loc[1, "dice_val_before"] == pytest.approx(sa_before, abs=1e-9)
+    for row in table.itertuples():
+        with pytest.raises(ValueError, match="factory="):
+            load_pruned(out / "models" / row.model)  # the file names a .py file: the caller must agree to run it
+        model = load_pruned(out / "models" / row.model, factory=f"{tmp_path / 'toy.py'}:build")
+        assert model.feat.out_channels == (2 if row.ranking == "none" else 1)
+        assert float(output_dice(model, x, y).mean()) == pytest.approx(row.dice_val_after, abs=1e-9)

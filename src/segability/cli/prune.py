@@ -71,7 +71,7 @@ def prune_command(
     preprocess: Annotated[str | None, typer.Option("--preprocess", help="Preprocessing: a JSON/YAML config or file.py:fn.")] = None,
     fraction: Annotated[str | None, typer.Option("--fraction", help="Fractions of units to prune, comma-separated [default: 0,0.1,0.2,0.3,0.5; --structural: 0.25,0.5,0.75].")] = None,
     rankings: Annotated[str | None, typer.Option("--rankings", help="Rankings to compare: sa, l1, random (--structural: also taylor) [default: all].")] = None,
-    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of the random ranking (--structural: and of fine-tuning).")] = "0,1,2",
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Seeds of the random ranking (--structural: and of fine-tuning) [default: 0,1,2; --structural: 0].")] = None,
     scope: Annotated[str | None, typer.Option("--scope", help="'layer': the fraction of every layer; 'global': of the whole network (--structural: both may be given, comma-separated) [default: layer; --structural: layer,global].")] = None,
     structural: Annotated[bool, typer.Option("--structural", help="Remove the units for real (torch-pruning), fine-tune, and measure params, MACs and CPU latency.")] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="--structural: fine-tuning epochs, the same for every ranking (0: none).")] = 2,
@@ -99,7 +99,7 @@ def prune_command(
         _structural(
             console, out=out, demo=demo, model=model, weights=weights, model_arg=model_arg, trust_pickle=trust_pickle,
             images=images, labels=labels, label_suffix=label_suffix, rank_images=rank_images, rank_labels=rank_labels,
-            preprocess=preprocess, fraction=fraction or "0.25,0.5,0.75", rankings=rankings, seeds=seeds,
+            preprocess=preprocess, fraction=fraction or "0.25,0.5,0.75", rankings=rankings, seeds=seeds or "0",
             scope=scope or "layer,global", layers=layers, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps,
             n=n, n_train=n_train, shift_n=shift_n, size=size, cache_dir=cache_dir, batch_size=batch_size, device=device,
             force=force,
@@ -115,7 +115,7 @@ def prune_command(
         unknown = [r for r in ranking_list if r not in RANKINGS]
         if unknown:
             raise ValueError(f"--rankings must be among {', '.join(RANKINGS)}, got {unknown}")
-        seed_list = [int(s) for s in _floats(seeds, "--seeds")]
+        seed_list = [int(s) for s in _floats(seeds or "0,1,2", "--seeds")]
         if scope not in ("layer", "global"):
             raise ValueError(f"--scope must be 'layer' or 'global', got {scope!r}")
         layer_spec = "auto" if layers is None else _names(layers, "--layers")

@@ -13,6 +13,11 @@ numbers, lists, tuples, dicts only; nothing is unpickled):
 dict (convolutions, transposed convolutions, norms, PReLU, linear layers) and loads the weights.
 It needs neither torch-pruning nor the code that pruned the model, and works as a model factory:
 ``segability analyze --model segability.compress:load_pruned --model-arg path=model.pt``.
+
+Calling what a file names is running code the file chooses, so the file's own factory is used only
+when it is an ``nn.Module`` class (``monai.networks.nets:BasicUNet``) or a function of segability
+(``segability.models:reference_unet``); any other factory, a ``file.py:function`` among them, must
+be given by the caller (``factory=``, ``--model-arg factory=...``).
 """
 
 from __future__ import annotations
@@ -106,11 +111,13 @@ def _shrink(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             module.normalized_shape = tuple(w.shape)
 
 
-def load_pruned(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
+def load_pruned(path: str | os.PathLike[str], factory: str | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model written by :func:`save_pruned`, in eval mode.
 
     Args:
         path: the file.
+        factory: the spec that builds the unpruned network, in place of the file's own; needed
+            when the file's is neither an ``nn.Module`` class nor a function of segability.
         device: where the model goes.
 
     Returns:
@@ -118,7 +125,8 @@ def load_pruned(path: str | os.PathLike[str], *, device: str | torch.device = "c
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: a file of another format, or weights that do not fit the factory's network.
+        ValueError: a file of another format, a factory of the file that is not trusted, or
+            weights that do not fit the factory's network.
 
     Example:
         >>> import tempfile, torch
@@ -141,14 +149,22 @@ def load_pruned(path: str | os.PathLike[str], *, device: str | torch.device = "c
         raise ValueError(f"{path} is not a pruned model written by segability.compress.save_pruned")
     if int(payload.get("version", 0)) > _VERSION:
         raise ValueError(f"{path} has format version {payload['version']}; this segability reads up to {_VERSION}")
-    model = load_callable(payload["factory"], argument="factory")(**payload["factory_args"])
+    spec = factory if factory is not None else payload["factory"]
+    target = spec.partition(":")[0]
+    if factory is None and (target.endswith(".py") or "/" in target or os.sep in target):
+        raise ValueError(f"{path} is built by the file {spec!r}; pass factory= (--model-arg factory=...) to run it")
+    build = load_callable(spec, argument="factory")
+    trusted = (isinstance(build, type) and issubclass(build, nn.Module)) or str(getattr(build, "__module__", "")).startswith("segability.")
+    if factory is None and not trusted:
+        raise ValueError(f"{path} names the factory {spec!r}, neither an nn.Module class nor a function of segability; pass factory= to use it")
+    model = build(**payload["factory_args"])
     if not isinstance(model, nn.Module):
-        raise ValueError(f"the factory {payload['factory']!r} did not return an nn.Module")
+        raise ValueError(f"the factory {spec!r} did not return an nn.Module")
     state = payload["state_dict"]
     _shrink(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"the weights in {path} do not fit {payload['factory']!r}: {exc}") from exc
+        raise ValueError(f"the weights in {path} do not fit {spec!r}: {exc}") from exc
     model.segability_meta = dict(payload.get("meta", {}))
     return model.to(device).eval()
