@@ -79,3 +79,13 @@ def _fresh(net: _InPlaceNet) -> _InPlaceNet:
     copy.load_state_dict(net.state_dict())
     copy.calls = -100  # never reaches the failing call
     return copy
+
+
+def test_analyze_works_inside_inference_mode():
+    torch.manual_seed(0)
+    net, x = _fresh(_InPlaceNet()), torch.randn(2, 1, 16, 16)
+    want = segability.analyze(net, x, layers=["conv", "head"]).layers
+    with torch.inference_mode():
+        got = segability.analyze(net, x, layers=["conv", "head"]).layers
+    assert (got["status"] == "ok").all()
+    assert got["sa_pred"].tolist() == want["sa_pred"].tolist()

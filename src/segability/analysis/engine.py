@@ -140,7 +140,8 @@ class Engine:
     # ---------------------------------------------------------------------------------- run
     def run(self, batches: Iterable[Batch], progress: Progress | None = None) -> None:
         """Process every batch (``progress(n)`` is called after each with its image count)."""
-        with eval_mode(self.model), torch.no_grad():
+        # inference_mode off: its tensors have no version counter, which tells outputs changed in place
+        with eval_mode(self.model), torch.inference_mode(False), torch.no_grad():
             for batch in batches:
                 self.process(batch)
                 if progress is not None:
