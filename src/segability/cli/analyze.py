@@ -16,7 +16,7 @@ import typer
 
 from segability.cli.app import app
 from segability.cli.console import EXIT_FAILED, exit_with, fail, literal, usage_message
-from segability.cli.options import split_list
+from segability.cli.options import FileOptions, file_options
 from segability.errors import UsageError, as_usage_error
 
 # The stage of a failed image (errors.csv), in words.
@@ -28,32 +28,13 @@ STAGES = {"read": "reading failed", "model": "the model failed", "analysis": "an
 
 
 @app.command("analyze")
+@file_options
 def analyze_command(
-    model: str = typer.Option(..., "--model", help="Model factory: path/to/file.py:factory or package.module:factory (or a whole pickled model file, with --trust-pickle)."),
-    weights: Path | None = typer.Option(None, "--weights", help="State dict file (torch.save(model.state_dict())), read with weights_only=True; a checkpoint with a 'state_dict' or 'model' entry works too."),
-    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable); values are read as JSON/Python literals."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling whole models. Unpickling can execute arbitrary code: only for files you trust."),
-    images: str = typer.Option(..., "--images", help="Folder of images, glob pattern ('scans/**/*.nii.gz') or one file. DICOM series: one sub-folder each."),
-    labels: str | None = typer.Option(None, "--labels", help="Folder (or glob) of labels, paired with images by file name stem."),
-    label_suffix: str = typer.Option("", "--label-suffix", help="Text after the image stem in label names, e.g. '_seg'."),
+    files: FileOptions,
     out: Path = typer.Option(..., "--out", help="Run folder (results are never overwritten without --force)."),
-    layers: list[str] | None = typer.Option(None, "--layers", help="Layer names or glob patterns (repeatable or comma-separated); default every convolution. See `segability layers`."),
     units: bool = typer.Option(False, "--units", help="Also score every unit (channel) of every layer."),
     guide: str = typer.Option("prediction", "--guide", help="Prototypes from the network's 'prediction' (label-free) or the 'label'."),
-    output: str = typer.Option("auto", "--output", help="How to read the model output: auto, sigmoid, softmax or probabilities."),
-    target: int | None = typer.Option(None, "--target", help="Target class of a K-channel output or a multi-class label (default 1)."),
-    mask: str | None = typer.Option(None, "--mask", help="'nonzero': only pixels where the image is non-zero shape the prototypes."),
-    output_key: str | None = typer.Option(None, "--output-key", help="Key of the output when the model returns a dict."),
-    preprocess: str | None = typer.Option(None, "--preprocess", help="Preprocessing: a JSON/YAML config (orientation, spacing, intensity, size) or file.py:fn."),
-    roi_size: str | None = typer.Option(None, "--roi-size", help="Sliding-window size for large volumes, e.g. 96,96,96 (scores accumulated over windows)."),
-    overlap: float = typer.Option(0.25, "--overlap", help="Sliding-window overlap in [0, 1)."),
-    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
     keep_maps: int = typer.Option(0, "--keep-maps", help="Keep the feature segmentation maps of the first N images (for the report)."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray Data actors; pip install 'segability[ray]')."),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="Address of an existing Ray cluster (default: a local Ray for this run)."),
-    workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: every CPU, or every GPU / --gpus-per-worker)."),
-    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray actor; > 0 runs the actors on CUDA."),
-    device: str | None = typer.Option(None, "--device", help="Device of the local engine (default cuda when available, else cpu)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip images already done, retry failed ones."),
     force: bool = typer.Option(False, "--force", help="Delete the results of an earlier run in --out first."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
@@ -72,19 +53,14 @@ def analyze_command(
     console = Console(soft_wrap=True)
     try:
         from segability.batch import analyze_files
-        from segability.io import parse_model_args, parse_shape
 
-        with as_usage_error("model_args"):
-            args = parse_model_args(model_arg, argument="model_args")
-        with as_usage_error("roi_size"):
-            roi = None if roi_size is None else parse_shape(roi_size, argument="roi_size")
+        for name in ("model", "images"):
+            if getattr(files, name) is None:
+                raise UsageError(f"{name} is required: give the {name} to analyse", argument=name)
+        kwargs = files.analyze_files_kwargs()
         summary = analyze_files(
-            model, images, labels, out=out, weights=weights, model_args=args, trust_pickle=trust_pickle,
-            layers=split_list(layers) or "auto", units=units, guide=guide, output=output, target=target, mask=mask,
-            output_key=output_key, preprocess=preprocess, label_suffix=label_suffix, roi_size=roi, overlap=overlap,
-            sw_batch_size=sw_batch_size, keep_maps=keep_maps, engine=engine, ray_address=ray_address, workers=workers,
-            gpus_per_worker=gpus_per_worker, device=device, resume=resume, force=force, report=not no_report,
-            progress=not no_progress,
+            kwargs.pop("model"), kwargs.pop("images"), kwargs.pop("labels"), out=out, units=units, guide=guide,
+            keep_maps=keep_maps, resume=resume, force=force, report=not no_report, progress=not no_progress, **kwargs,
         )  # fmt: skip
     except UsageError as exc:
         fail(err, usage_message(exc))
