@@ -14,7 +14,8 @@ that is zero after every layer only adds zero. Zeroing only the convolution's ou
 that follow map zero to zero: a BatchNorm with running mean ``m``, variance ``v``, weight ``g``
 and bias ``b`` turns a zero channel into the constant ``b - g m / sqrt(v + eps)`` (after the
 activation: ``a``), which the next convolution adds, ``a * sum(w[:, c])`` in the interior (less at
-zero-padded borders). Fresh BatchNorm (m = 0, v = 1, b = 0) and InstanceNorm map zero to zero.
+zero-padded borders). Fresh BatchNorm (m = 0, v = 1, b = 0) and InstanceNorm without an affine
+shift map zero to zero.
 """
 
 from __future__ import annotations
