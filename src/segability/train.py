@@ -27,7 +27,7 @@ from segability.analysis import analyze
 from segability.core.functional import dice_from_counts
 from segability.models import REFERENCE_ARCH, file_sha256, reference_unet
 
-__all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of"]
+__all__ = ["TrainConfig", "TrainResult", "train_reference", "dice_of", "sample_crops", "augment"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ def dice_of(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return dice_from_counts((p * t).sum(1), p.sum(1), t.sum(1), "one")
 
 
-def _sample_crops(
+def sample_crops(
     x: torch.Tensor, y: torch.Tensor, n: int, crop: int, positive_fraction: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random ``crop``-sized patches; a ``positive_fraction`` of them centred on a lesion pixel.
@@ -88,8 +88,11 @@ def _sample_crops(
     return torch.stack(xs), torch.stack(ys)
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    # Flips and mild intensity changes only: the shifted test suite must stay out of distribution.
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips of image and label, and a mild gain and noise on the image, drawn from ``gen``.
+
+    Flips and mild intensity changes only: the shifted test suite must stay out of distribution.
+    """
     if torch.rand(1, generator=gen) < 0.5:
         x, y = x.flip(-1), y.flip(-1)
     if torch.rand(1, generator=gen) < 0.3:
@@ -175,8 +178,8 @@ def _train(cfg: TrainConfig, *, out_dir, cache_dir, on_epoch, command) -> TrainR
     for epoch in range(1, cfg.epochs + 1):
         losses = []
         for _ in range(cfg.steps_per_epoch):
-            x, y = _sample_crops(tx, ty, cfg.batch_size, cfg.crop, cfg.positive_fraction, gen)
-            x, y = _augment(x, y, gen)
+            x, y = sample_crops(tx, ty, cfg.batch_size, cfg.crop, cfg.positive_fraction, gen)
+            x, y = augment(x, y, gen)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()

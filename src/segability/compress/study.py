@@ -107,7 +107,7 @@ def finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
         seed: seeds the crops, the augmentation and dropout.
     """
     from segability.compress.rank import _loss_for
-    from segability.train import _augment, _sample_crops
+    from segability.train import augment, sample_crops
 
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"images must be a (N, C, H, W) tensor with labels (N, 1, H, W), got {tuple(getattr(images, 'shape', ()))}")
@@ -126,8 +126,8 @@ def finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
         model.train()
         try:
             for _ in range(steps):
-                x, y = _sample_crops(images, labels, config.batch_size, crop, config.positive_fraction, gen)
-                x, y = _augment(x.float(), y.float(), gen)
+                x, y = sample_crops(images, labels, config.batch_size, crop, config.positive_fraction, gen)
+                x, y = augment(x.float(), y.float(), gen)
                 x, y = x.to(device), y.to(device)
                 opt.zero_grad(set_to_none=True)
                 out = model(x)
