@@ -72,7 +72,12 @@ def report(
         typer.Option("--debug", help="Print the traceback of an error (as segability --debug does)."),
     ] = False,
 ) -> None:
-    """Write a self-contained HTML report of a result folder."""
+    """Write a self-contained HTML report of a result folder.
+
+    Exit codes, as for analyze: 0 the report of a run where every file was analysed; 1 the run
+    had failed files (the report lists them) or the report failed; 2 a usage error (an
+    unfinished run: resume it first).
+    """
     import json
     import traceback
 
@@ -112,3 +117,15 @@ def report(
         fail(console, err if known else f"{type(err).__name__}: {err}", 1)
     size = path.stat().st_size / 1e6
     typer.echo(f"Wrote {printable(path)} ({size:.1f} MB)")
+    failed = _failed_files(result_dir)
+    if failed:  # the exit codes of analyze: the run is reported, but some of its files were not analysed
+        console.print(f"[yellow]note:[/yellow] {failed} file(s) of this run failed; the report lists them", highlight=False)
+        raise typer.Exit(1)
+
+
+def _failed_files(result_dir: Path) -> int:
+    """How many files the run could not analyse (rows of its errors.csv; 0 without one)."""
+    from segability.analysis.results import ERRORS, read_table
+
+    path = result_dir / ERRORS.file
+    return len(read_table(path, ERRORS)) if path.is_file() else 0
