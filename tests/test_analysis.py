@@ -671,3 +671,63 @@ def test_a_layer_called_twice_scores_its_last_call_and_warns():
         flipped = np_features(xi[:, :, ::-1].copy())["down"]
         seg = np_segment(np_resize(flipped, (8, 8)), prob)
         np.testing.assert_allclose(r.sa_pred, np_dice(seg, pred), atol=1e-12)
+
+
+# ----------------------------------------------------------------------- 1D and 3D values
+class HandNetND(nn.Module):
+    """``feat`` = [x, 1 - x], ``pool`` a 2-average pooling of it (half resolution), ``head`` 8x - 4."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+        self.feat = conv(1, 2, 1)
+        self.pool = {1: nn.AvgPool1d, 3: nn.AvgPool3d}[dims](2)
+        self.head = conv(2, 1, 1)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, *[1] * dims))
+            self.feat.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.head.weight.copy_(torch.tensor([4.0, -4.0]).view(1, 2, *[1] * dims))
+            self.head.bias.zero_()
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.feat(x)
+        self.pool(f)
+        return self.head(f)
+
+
+def np_pool(f: np.ndarray) -> np.ndarray:
+    """(C, *S) -> (C, *S // 2): the mean of every 2 x ... x 2 block."""
+    spatial = [s // 2 for s in f.shape[1:]]
+    f = f[(slice(None), *[slice(0, 2 * s) for s in spatial])]
+    shape = [f.shape[0]] + [v for s in spatial for v in (s, 2)]
+    return f.reshape(shape).mean(axis=tuple(range(2, 2 + 2 * len(spatial), 2)))
+
+
+@pytest.mark.parametrize("dims,size", [(1, (24,)), (3, (6, 8, 4))], ids=["1d", "3d"])
+def test_1d_and_3d_scores_match_an_independent_numpy_computation(dims, size):
+    rng = np.random.default_rng(dims)
+    x = rng.uniform(0.0, 1.0, size=(3, 1, *size))
+    y = (x[:, 0] + rng.normal(0.0, 0.25, size=(3, *size)) > 0.5).astype(np.float64)
+    res = analyze(HandNetND(dims), torch.from_numpy(x), torch.from_numpy(y), layers=["feat", "pool", "head"], units=True)
+    checked = 0
+    for n in range(3):
+        f = np.stack([x[n, 0], 1.0 - x[n, 0]])
+        head = 4.0 * f[0] - 4.0 * f[1]
+        prob = 1.0 / (1.0 + np.exp(-head))
+        pred, lab = prob > 0.5, y[n].astype(bool)
+        for name, feats in {"input": x[n], "feat": f, "pool": np_pool(f), "head": head[None]}.items():
+            up = np_resize(feats, size)
+            seg = np_segment(up, prob)
+            row = res.layers[(res.layers["image"] == str(n)) & (res.layers["layer"] == name)].iloc[0]
+            np.testing.assert_allclose([row.sa, row.sa_pred], [np_dice(seg, lab), np_dice(seg, pred)], rtol=0, atol=1e-12)
+            for c in range(up.shape[0]):
+                useg = np_segment(up[c : c + 1], prob)
+                unit = res.units[(res.units["image"] == str(n)) & (res.units["layer"] == name) & (res.units["unit"] == c)]
+                np.testing.assert_allclose(unit[["sa", "sa_pred"]].to_numpy()[0], [np_dice(useg, lab), np_dice(useg, pred)],
+                                           rtol=0, atol=1e-12)  # fmt: skip
+                checked += 1
+    assert checked == 3 * (1 + 2 + 2 + 1)  # every unit of every layer of every image
+    pooled = res.layers[res.layers["layer"] == "pool"]
+    assert pooled["shape"].iloc[0] == "2x" + "x".join(str(s // 2) for s in size) and (pooled["status"] == "ok").all()
+    assert res.layers["sa"].nunique() > 3  # the scores are not trivial
