@@ -44,6 +44,7 @@ __all__ = [
     "table_bytes",
     "encode_maps",
     "decode_maps",
+    "MapsArchive",
     "write_atomic",
     "layer_means",
 ]
@@ -55,12 +56,22 @@ RUN_FILE = "run.json"  # in shards/: the run's fingerprint, for --resume
 
 @dataclass(frozen=True)
 class Column:
-    """A column: name, pandas dtype (``"string"``, ``"int64"``, ``"float64"``, ``"bool"``), whether NaN may appear."""
+    """A column: name, pandas dtype (``"string"``, ``"int64"``, ``"float64"``, ``"bool"``), whether NaN may appear.
+
+    A ``key`` column identifies a row and must be present; a table from an outside script (or an
+    older version) that lacks another column is read with that column filled (NaN, ``""``, 0,
+    False) by :func:`read_table` with ``fill=True``.
+    """
 
     name: str
     dtype: str
     nullable: bool = False
     doc: str = ""
+    key: bool = False
+
+    @property
+    def default(self) -> Any:
+        return {"string": "", "int64": 0, "bool": False}.get(self.dtype, np.nan)
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,9 @@ _REASON = Column("reason", "string", doc="the status in words (empty when ok), w
 LAYERS = Schema(
     "layers.parquet",
     (
-        Column("image", "string", doc="image id"),
-        Column("layer", "string", doc=f"layer name; {INPUT!r} is the input image"),
-        Column("depth", "int64", doc=f"forward order; {INPUT!r} = 0"),
+        Column("image", "string", doc="image id", key=True),
+        Column("layer", "string", doc=f"layer name; {INPUT!r} is the input image", key=True),
+        Column("depth", "int64", doc=f"forward order; {INPUT!r} = 0", key=True),
         Column("channels", "int64", doc="channels of the features (0 when not scored)"),
         Column("shape", "string", doc="the layer output's shape without batch, e.g. 16x64x64"),
         Column("sa", "float64", True, "SA against the label (NaN without label)"),
@@ -99,7 +110,7 @@ LAYERS = Schema(
 IMAGES = Schema(
     "images.parquet",
     (
-        Column("image", "string"),
+        Column("image", "string", key=True),
         Column("dice", "float64", True, "the network output against the label"),
         Column("mean_sa", "float64", True, "mean of sa over the hidden layers with a defined sa"),
         Column("mean_sa_pred", "float64", True, "mean of sa_pred over the hidden layers with a defined sa_pred"),
@@ -114,9 +125,9 @@ IMAGES = Schema(
 UNITS = Schema(
     "units.parquet",
     (
-        Column("image", "string"),
-        Column("layer", "string"),
-        Column("unit", "int64"),
+        Column("image", "string", key=True),
+        Column("layer", "string", key=True),
+        Column("unit", "int64", key=True),
         Column("sa", "float64", True),
         Column("sa_pred", "float64", True),
     ),
@@ -125,17 +136,18 @@ UNITS = Schema(
 ERRORS = Schema(
     "errors.csv",
     (
-        Column("file", "string", doc="the input file"),
+        Column("file", "string", doc="the input file", key=True),
         Column("stage", "string", doc="read, model, analysis or not_run"),
         Column("error", "string", doc="the error type and message"),
         Column("traceback", "string", doc="the worker's traceback (empty when none)"),
     ),
+    extra=True,
     doc="one row per input file that could not be analysed",
 )
 QC = Schema(
     "qc.csv",
     (
-        Column("image", "string"),
+        Column("image", "string", key=True),
         Column("estimated_dice", "float64", True),
         Column("lower", "float64", True, doc="lower end of the estimate's interval"),
         Column("upper", "float64", True, doc="upper end of the estimate's interval"),
@@ -150,31 +162,39 @@ QC = Schema(
 )
 HISTORY = Schema(
     "history.csv",
-    (Column("epoch", "int64"), Column("layer", "string"), Column("sa", "float64", True)),
-    doc="SA per layer during training",
+    (Column("epoch", "int64", key=True), Column("layer", "string", key=True), Column("sa", "float64", True)),
+    extra=True,
+    doc="SA per layer during training (and what the trainer adds: depth, sa_pred, val_dice, loss)",
 )
 SCHEMAS = {s.file: s for s in (LAYERS, IMAGES, UNITS, ERRORS, QC, HISTORY)}
 RESULT_FILES = ("layers.parquet", "images.parquet", "units.parquet", "settings.json", "maps.npz")
 
 
 # ------------------------------------------------------------------------------------ tables
+_TRUE = {"true", "1", "1.0", "yes", "y"}
+
+
 def empty_table(schema: Schema) -> pd.DataFrame:
     """A table with the schema's columns and dtypes and no rows."""
     return typed(pd.DataFrame({c.name: [] for c in schema.columns}), schema)
 
 
-def typed(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """``df`` with the schema's columns cast to their dtypes (missing nullable columns added as NaN)."""
+def typed(df: pd.DataFrame, schema: Schema, *, fill: bool = False) -> pd.DataFrame:
+    """``df`` with the schema's columns cast to their dtypes; missing nullable columns added as NaN,
+    and with ``fill`` every missing non-key column added with its default."""
     df = df.copy()
     for c in schema.columns:
-        if c.name not in df.columns and c.nullable:
-            df[c.name] = np.nan
+        if c.name not in df.columns and (c.nullable or (fill and not c.key)):
+            df[c.name] = c.default
         if c.name not in df.columns:
             continue
         if c.dtype == "string":
             df[c.name] = df[c.name].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)).astype(object)
         elif c.dtype == "bool":
-            df[c.name] = df[c.name].astype(bool)
+            values = df[c.name]
+            if not pd.api.types.is_bool_dtype(values):  # written as text ("True", "yes", "0", ...)
+                values = values.map(lambda v: str(v).strip().lower() in _TRUE)
+            df[c.name] = values.astype(bool)
         else:
             df[c.name] = df[c.name].astype(c.dtype)
     order = schema.names + [c for c in df.columns if c not in schema.names]
@@ -223,15 +243,22 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, schema: Schema) -> Pa
     return write_atomic(path, table_bytes(df, schema))
 
 
-def read_table(path: str | os.PathLike, schema: Schema) -> pd.DataFrame:
+def read_table(path: str | os.PathLike, schema: Schema, *, fill: bool = False) -> pd.DataFrame:
     """Read a table of the result folder and check it against its schema.
 
     A table written by an earlier version without the ``status`` column gets one derived from
-    ``reason`` (``ok`` where the reason is empty, else ``unknown``).
+    ``reason`` (``ok`` where the reason is empty, else ``unknown``). With ``fill`` (readers of
+    tables from outside scripts, such as the report), missing non-key columns take their default;
+    missing key columns are an error either way. A zero-byte CSV is an empty table.
+
+    Raises:
+        ValueError: a column is missing or holds the wrong type (the message names the file).
     """
     path = Path(path)
+    if schema.file.endswith(".csv") and path.stat().st_size == 0:
+        return empty_table(schema)
     if schema.file.endswith(".csv"):
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={c.name: str for c in schema.columns if c.dtype == "string"})
         for c in schema.columns:
             if c.name in df.columns and c.dtype == "string":
                 df[c.name] = df[c.name].map(lambda v: "" if isinstance(v, float) and np.isnan(v) else str(v)).astype(object)
@@ -241,9 +268,11 @@ def read_table(path: str | os.PathLike, schema: Schema) -> pd.DataFrame:
                     df[name] = ""
     else:
         df = pd.read_parquet(path)
+    if len(df.columns) == 0:  # an empty table written without columns
+        return empty_table(schema)
     if "status" in schema.names and "status" not in df.columns and "reason" in df.columns:
         df["status"] = np.where(df["reason"].fillna("").astype(str) == "", "ok", "unknown").astype(object)
-    df = typed(df, schema)
+    df = typed(df, schema, fill=fill)
     validate_table(df, schema, source=str(path))
     return df
 
@@ -301,25 +330,95 @@ def encode_maps(maps: Mapping[str, Mapping[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+class MapsArchive:
+    """Lazy read access to a maps archive (``maps.npz`` or a shard): kept images and their arrays.
+
+    Opens the file without pickle (``allow_pickle=False``) and reads an array only when asked, so a
+    report of a large run does not load every map. The one reader of :func:`encode_maps`' scheme.
+
+    Args:
+        source: the archive's path or its bytes.
+
+    Example:
+        >>> data = encode_maps({"a": {"prediction": np.zeros((2, 2)), "layers": {"conv": np.ones((2, 2))}}})
+        >>> with MapsArchive(data) as maps:
+        ...     maps.image_ids, maps.layers(0), maps.get(0, "layer", "conv").sum()
+        (['a'], ['conv'], np.float64(4.0))
+    """
+
+    def __init__(self, source: bytes | str | os.PathLike):
+        self.path = None if isinstance(source, bytes) else Path(source)
+        self._npz = np.load(io.BytesIO(source) if isinstance(source, bytes) else Path(source), allow_pickle=False)
+        name = "maps" if self.path is None else self.path.name
+        try:
+            ids = self._npz["image_ids"] if "image_ids" in self._npz.files else np.array([])
+        except ValueError as err:
+            self._npz.close()
+            raise ValueError(f"{name}: image_ids must be a string array ({err})") from err
+        self.image_ids: list[str] = [str(i) for i in np.asarray(ids).reshape(-1)]
+        self._layers: dict[int, list[str]] = {}
+        self._units: dict[int, dict[str, list[int]]] = {}
+        self._plain: dict[int, list[str]] = {}
+        for key in self._npz.files:
+            parts = key.split(":", 2)
+            if not parts[0].isdigit() or len(parts) < 2:
+                continue
+            k, kind = int(parts[0]), parts[1]
+            rest = parts[2] if len(parts) == 3 else ""
+            if kind == "layer" and rest:
+                self._layers.setdefault(k, []).append(rest)
+            elif kind == "unit" and ":" in rest:
+                layer, unit = rest.rsplit(":", 1)
+                if unit.lstrip("-").isdigit():
+                    self._units.setdefault(k, {}).setdefault(layer, []).append(int(unit))
+            elif len(parts) == 2:
+                self._plain.setdefault(k, []).append(kind)
+
+    def __enter__(self) -> MapsArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._npz.close()
+
+    def index(self, image: str) -> int | None:
+        """The k of an image id, or None when its maps were not kept."""
+        try:
+            return self.image_ids.index(image)
+        except ValueError:
+            return None
+
+    def get(self, k: int, kind: str, *name: str | int) -> np.ndarray | None:
+        """The array ``"{k}:{kind}[:{name}...]"``, or None when absent."""
+        key = ":".join([str(k), kind, *map(str, name)])
+        return self._npz[key] if key in self._npz.files else None
+
+    def layers(self, k: int) -> list[str]:
+        """Layers with a feature segmentation map for the k-th kept image."""
+        return list(self._layers.get(k, []))
+
+    def units(self, k: int) -> dict[str, list[int]]:
+        """Units with a map for the k-th kept image, per layer."""
+        return {layer: sorted(u) for layer, u in self._units.get(k, {}).items()}
+
+    def entry(self, k: int) -> dict[str, Any]:
+        """Every array of the k-th kept image, in the form :func:`encode_maps` takes."""
+        out: dict[str, Any] = {"image": None, "label": None, "prediction": None, "layers": {}, "units": {}}
+        for kind in self._plain.get(k, []):
+            out[kind] = self.get(k, kind)
+        out["layers"] = {layer: self.get(k, "layer", layer) for layer in self.layers(k)}
+        for layer, units in self.units(k).items():
+            out["units"][layer] = {u: self.get(k, "unit", layer, u) for u in units}
+        return out
+
+
 def decode_maps(data: bytes | str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Read what :func:`encode_maps` wrote (bytes or a file path): ``{image id: entry}``."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else Path(data)
-    with np.load(source, allow_pickle=False) as npz:
-        ids = [str(i) for i in npz["image_ids"]]
-        maps = {i: {"image": None, "label": None, "prediction": None, "layers": {}, "units": {}} for i in ids}
-        for key in npz.files:
-            if key == "image_ids":
-                continue
-            k, kind, *rest = key.split(":", 2)
-            entry = maps[ids[int(k)]]
-            if kind == "layer":
-                entry["layers"][rest[0]] = npz[key]
-            elif kind == "unit":
-                layer, unit = rest[0].rsplit(":", 1)
-                entry["units"].setdefault(layer, {})[int(unit)] = npz[key]
-            else:
-                entry[kind] = npz[key]
-    return maps
+    with MapsArchive(data) as archive:
+        return {image: archive.entry(k) for k, image in enumerate(archive.image_ids)}
 
 
 # ---------------------------------------------------------------------------------- SAResult

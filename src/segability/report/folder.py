@@ -13,8 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+
+from segability.analysis.results import (
+    ERRORS,
+    HISTORY,
+    IMAGES,
+    LAYERS,
+    QC,
+    SHARD_DIR,
+    UNITS,
+    MapsArchive,
+    empty_table,
+    read_table,
+)
 
 __all__ = [
     "ResultFolder",
@@ -25,22 +37,10 @@ __all__ = [
     "MapStore",
 ]
 
-LAYER_COLUMNS = ("image", "layer", "depth", "sa", "sa_pred")
-IMAGE_COLUMNS = ("image",)
-UNIT_COLUMNS = ("image", "layer", "unit", "sa", "sa_pred")
-HISTORY_COLUMNS = ("epoch", "layer", "sa")
 # Columns of images.parquet defined by the contract; any other column is caller metadata.
-STANDARD_IMAGE_COLUMNS = (
-    "image",
-    "dice",
-    "mean_sa",
-    "mean_sa_pred",
-    "input_sa",
-    "input_sa_pred",
-    "reason",
-)
-ERRORS_FILE = "errors.csv"
-SHARD_DIR = "shards"
+STANDARD_IMAGE_COLUMNS = tuple(IMAGES.names)
+ERRORS_FILE = ERRORS.file
+MapStore = MapsArchive  # the report's name for the lazy maps archive of analysis.results
 
 
 class IncompleteRunError(ValueError):
@@ -226,23 +226,15 @@ def read_result_folder(root: str | Path) -> ResultFolder:
             raise FileNotFoundError(
                 f"{root} has no layers.parquet: is it a segability result folder?"
             )
-        layers = pd.DataFrame({c: pd.Series(dtype=object) for c in LAYER_COLUMNS})
-        images = pd.DataFrame({c: pd.Series(dtype=object) for c in STANDARD_IMAGE_COLUMNS})
+        layers, images = empty_table(LAYERS), empty_table(IMAGES)
     else:
         if not layers_path.is_file():
             raise _incomplete(root, "layers.parquet")
-        layers = pd.read_parquet(layers_path)
-        if len(layers.columns) == 0:  # an empty table written without columns
-            layers = pd.DataFrame({c: pd.Series(dtype=object) for c in LAYER_COLUMNS})
-        _require(layers, LAYER_COLUMNS, "layers.parquet")
-        layers = layers.astype({"image": str, "layer": str})
+        # tables from outside scripts may lack columns other than the keys: filled with defaults
+        layers = read_table(layers_path, LAYERS, fill=True)
         if not images_path.is_file():
             raise _incomplete(root, "images.parquet")
-        images = pd.read_parquet(images_path)
-        if len(images.columns) == 0:
-            images = pd.DataFrame({c: pd.Series(dtype=object) for c in STANDARD_IMAGE_COLUMNS})
-        _require(images, IMAGE_COLUMNS, "images.parquet")
-        images = images.astype({"image": str})
+        images = read_table(images_path, IMAGES, fill=True)
 
     settings: dict[str, Any] = {}
     if (root / "settings.json").is_file():
@@ -251,22 +243,13 @@ def read_result_folder(root: str | Path) -> ResultFolder:
             raise ValueError("settings.json must hold a JSON object")
 
     units = None
-    if (root / "units.parquet").is_file():
-        units = pd.read_parquet(root / "units.parquet")
-        _require(units, UNIT_COLUMNS, "units.parquet")
-        units = units.astype({"image": str, "layer": str})
+    if (root / UNITS.file).is_file():
+        units = read_table(root / UNITS.file, UNITS, fill=True)
         if units.empty:
             units = None
 
-    qc = None
-    if (root / "qc.csv").is_file():
-        qc = pd.read_csv(root / "qc.csv", dtype={"image": str}, keep_default_na=True)
-        _require(qc, ("image",), "qc.csv")
-
-    history = None
-    if (root / "history.csv").is_file():
-        history = pd.read_csv(root / "history.csv", dtype={"layer": str})
-        _require(history, HISTORY_COLUMNS, "history.csv")
+    qc = read_table(root / QC.file, QC, fill=True) if (root / QC.file).is_file() else None
+    history = read_table(root / HISTORY.file, HISTORY, fill=True) if (root / HISTORY.file).is_file() else None
 
     timing = None
     if (root / "timing.json").is_file():
@@ -295,77 +278,4 @@ def read_result_folder(root: str | Path) -> ResultFolder:
 
 
 def _read_errors(path: Path) -> pd.DataFrame:
-    try:
-        errors = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:  # a zero-byte file: no failure recorded
-        return pd.DataFrame({"file": pd.Series(dtype=str), "error": pd.Series(dtype=str)})
-    _require(errors, ("file", "error"), ERRORS_FILE)
-    return errors
-
-
-class MapStore:
-    """Read access to ``maps.npz``: which images were kept and their arrays.
-
-    Opens the file without pickle (``allow_pickle=False``): a report never runs code from a file.
-
-    Args:
-        path: the ``maps.npz`` file.
-
-    Example:
-        >>> with MapStore("runs/demo/maps.npz") as maps:  # doctest: +SKIP
-        ...     maps.image_ids
-        ['case_000', 'case_001']
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._npz = np.load(self.path, allow_pickle=False)
-        try:
-            ids = self._npz["image_ids"] if "image_ids" in self._npz.files else np.array([])
-        except ValueError as err:
-            self._npz.close()
-            raise ValueError(f"{self.path.name}: image_ids must be a string array ({err})") from err
-        self.image_ids: list[str] = [str(i) for i in np.asarray(ids).reshape(-1)]
-        self._layers: dict[int, list[str]] = {}
-        self._units: dict[int, dict[str, list[int]]] = {}
-        for key in self._npz.files:
-            parts = key.split(":", 2)
-            if len(parts) != 3 or not parts[0].isdigit():
-                continue
-            k, kind, rest = int(parts[0]), parts[1], parts[2]
-            if kind == "layer":
-                self._layers.setdefault(k, []).append(rest)
-            elif kind == "unit" and ":" in rest:
-                layer, unit = rest.rsplit(":", 1)
-                if unit.lstrip("-").isdigit():
-                    self._units.setdefault(k, {}).setdefault(layer, []).append(int(unit))
-
-    def __enter__(self) -> MapStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the file."""
-        self._npz.close()
-
-    def index(self, image: str) -> int | None:
-        """The k of an image id, or None when its maps were not kept."""
-        try:
-            return self.image_ids.index(image)
-        except ValueError:
-            return None
-
-    def get(self, k: int, kind: str, *name: str | int) -> np.ndarray | None:
-        """The array ``"{k}:{kind}[:{name}...]"``, or None when absent."""
-        key = ":".join([str(k), kind, *map(str, name)])
-        return self._npz[key] if key in self._npz.files else None
-
-    def layers(self, k: int) -> list[str]:
-        """Layers with a feature segmentation map for the k-th kept image."""
-        return list(self._layers.get(k, []))
-
-    def units(self, k: int) -> dict[str, list[int]]:
-        """Units with a map for the k-th kept image, per layer."""
-        return {layer: sorted(u) for layer, u in self._units.get(k, {}).items()}
+    return read_table(path, ERRORS, fill=True)

@@ -39,9 +39,9 @@ _FLAG_TRUE = {"true", "yes", "1", "flag", "flagged", "fail", "failed", "reject",
 
 # qc.csv columns that are the gate's own (qc.csv wins over images.parquet for these); every other
 # column both tables have is a measured value, taken from images.parquet.
-GATE_COLUMNS = (*ESTIMATE_COLUMNS, *FLAG_COLUMNS, "lower", "upper", "flag_reason")
-# qc.csv columns for the gate's bookkeeping, not shown in the report.
-INTERNAL_QC_COLUMNS = ("input_sa_source",)
+GATE_COLUMNS = (*ESTIMATE_COLUMNS, *FLAG_COLUMNS, "lower", "upper", "flag_reason", "flag_status")
+# Columns for bookkeeping, not shown in the report: the statuses are codes, their reasons are shown.
+INTERNAL_QC_COLUMNS = ("input_sa_source", "flag_status", "status")
 
 
 def select_images(images: pd.DataFrame, selector: dict[str, tuple[str, ...]] | None) -> pd.Series:
@@ -175,7 +175,7 @@ def _qc_columns(qc: pd.DataFrame) -> pd.DataFrame:
     under the name of what it was measured against (older qc.csv files call the label-free
     ``input_sa_pred`` ``input_sa`` and say which in ``input_sa_source``)."""
     qc = (
-        qc.drop_duplicates("image").rename(columns={"reason": "flag_reason"}).reset_index(drop=True)
+        qc.drop_duplicates("image").rename(columns={"reason": "flag_reason", "status": "flag_status"}).reset_index(drop=True)
     )
     if "input_sa" in qc.columns and "input_sa_pred" not in qc.columns:
         source = qc.get("input_sa_source")

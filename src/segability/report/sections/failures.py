@@ -25,13 +25,23 @@ def _failed_section(folder: ResultFolder) -> Section:
         return Section(
             "failed", title, tag("p", "No file failed (errors.csv is empty).", class_="caption")
         )
-    columns = ["file", "error"] + [c for c in errors.columns if c not in ("file", "error")]
+    # the stage, when recorded, then the error; a traceback folds away under its error
+    shown = ["stage"] if errors["stage"].astype(str).str.len().gt(0).any() else []
+    extra = [c for c in errors.columns if c not in ("file", "stage", "error", "traceback")]
+    columns = ["file", *shown, "error", *extra]
+
+    def error_cell(r: dict) -> object:
+        trace = str(r.get("traceback") or "")
+        if not trace:
+            return tag("td", r["error"], class_="error")
+        return tag("td", join([r["error"], tag("details", join([tag("summary", "traceback"), tag("pre", trace)]))]), class_="error")
+
     rows = [
         tag(
             "tr",
             join(
                 [tag("td", tag("code", r["file"]), class_="layer")]
-                + [tag("td", r[c], class_="error") for c in columns[1:]]
+                + [error_cell(r) if c == "error" else tag("td", r[c], class_="error") for c in columns[1:]]
             ),
         )
         for r in errors.head(MAX_QUALITY_ROWS).to_dict("records")
