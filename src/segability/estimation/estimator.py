@@ -6,7 +6,9 @@ SA profile (:func:`segability.estimation.profile.sa_profile`) of new images.
 
 - **Model**: candidates are ridge regressions (``RidgeCV`` on standardised features, on several
   feature sets) and gradient-boosted trees (``HistGradientBoostingRegressor``), chosen by grouped
-  cross-validation (``GroupKFold``: every version of a source image in one fold) on the MAE.
+  cross-validation (``GroupKFold``: every version of a source image in one fold; or, with
+  ``select_groups``, e.g. one shift family per fold, so that the choice rewards what carries over to
+  a shift the calibration did not contain) on the MAE.
 - **Interval**: cross-conformal with the same grouped folds: the out-of-fold absolute residuals
   give the radius (:func:`segability.estimation.calibration.conformal_radius`).
 - **Out of range**: the Mahalanobis distance of the standardised features (Ledoit-Wolf
@@ -92,7 +94,9 @@ def feature_sets(names: Sequence[str]) -> dict[str, list[str]]:
     def kind(*prefixes: str) -> list[str]:
         return [n for n in names if any(n == p or n.startswith(p + ":") for p in prefixes)]
 
+    summary = [n for n in names if n.startswith("mean:")]
     sets = {
+        "summary": summary + kind("input_sa_pred", "input_sa_pred_body", "input_reverse", "input_reverse_body") + common,
         "sa_pred": kind("sa_pred", "input_sa_pred") + common,
         "sa_pred+body": kind("sa_pred", "sa_pred_body", "input_sa_pred", "input_sa_pred_body") + common,
         "reverse": kind("reverse", "reverse_body", "input_reverse", "input_reverse_body") + common,
@@ -156,6 +160,7 @@ class QualityEstimator:
         alpha: float = 0.1,
         n_folds: int = 5,
         seed: int = 0,
+        select_groups: Sequence[Any] | None = None,
     ) -> QualityEstimator:
         """Fit on calibration profiles (clean and shifted images) and their true Dice.
 
@@ -168,6 +173,9 @@ class QualityEstimator:
             alpha: interval miscoverage (0.1: 90% intervals).
             n_folds: grouped CV folds.
             seed: seed of the trees.
+            select_groups: groups of the cross-validation that chooses the model and gives the
+                conformal residuals, when they should differ from ``groups`` -- e.g. the shift
+                family, so that the choice rewards what carries over to an unseen kind of shift.
 
         Raises:
             UsageError: mismatched lengths, fewer than two groups, or no finite Dice.
@@ -183,7 +191,10 @@ class QualityEstimator:
         ok = np.isfinite(y)
         if ok.sum() < 10:
             raise UsageError("dice: fewer than 10 finite values to calibrate on", argument="dice")
-        x_all, y, groups = x_all[ok], y[ok], groups[ok]
+        select = groups if select_groups is None else np.asarray([str(g) for g in select_groups])
+        if len(select) != len(ok):
+            raise UsageError(f"select_groups must give one value per profile row ({len(ok)})", argument="select_groups")
+        x_all, y, groups, select = x_all[ok], y[ok], groups[ok], select[ok]
         usable = [j for j in range(len(names)) if np.isfinite(x_all[:, j]).any()]
         names = [names[j] for j in usable]
         x_all = x_all[:, usable]
@@ -193,7 +204,7 @@ class QualityEstimator:
         scale = x_filled.std(0)
         scale = np.where(scale > 1e-9, scale, 1.0)
         z = (x_filled - center) / scale
-        folds = grouped_folds(groups, n_folds)
+        folds = grouped_folds(select, n_folds)
 
         candidates: dict[str, tuple[str, list[int]]] = {}
         if "ridge" in kinds:
@@ -214,10 +225,10 @@ class QualityEstimator:
             oof[label] = pred
             cv[label] = {"mae": float(np.mean(np.abs(pred - y))), "spearman": _spearman(pred, y)}
         choice = min(cv, key=lambda k: cv[k]["mae"])
-        kind, cols = candidates[choice]
-        model = _make(kind, seed).fit(z[:, cols], y)
         coef = np.zeros(len(names))
         intercept, ridge_alpha, trees = float(np.mean(y)), math.nan, None
+        kind, cols = candidates[choice]
+        model = _make(kind, seed).fit(z[:, cols], y)
         if kind == "ridge":
             coef[cols] = model.coef_
             intercept, ridge_alpha = float(model.intercept_), float(model.alpha_)

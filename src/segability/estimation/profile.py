@@ -12,6 +12,7 @@ One row per image, one column per feature:
 | ``pred_fraction``, ``pred_body_fraction`` | the prediction's size relative to the image and to the body |
 | ``empty_prediction`` | 1 when the prediction is empty (``sa_pred`` is then undefined) |
 | ``unit_mean``, ``unit_max``, ``unit_q90``, ``unit_share`` | unit ``sa_pred`` summaries, when units were analysed |
+| ``mean:<kind>`` | the mean over the hidden layers of each per-layer kind (:func:`add_summaries`) |
 
 ``sa_pred`` and ``input_sa_pred`` come from the analysis result as :func:`segability.analyze`
 made them. The analysis' own ``mask`` shapes only the prototypes; the body-masked variant here also
@@ -42,7 +43,7 @@ from segability.core.metric import SegmentationAbility
 from segability.errors import UsageError
 from segability.estimation.reverse import ReferenceCache, image_prototypes, reverse_sa
 
-__all__ = ["body_mask", "sa_profile", "profile_layers", "FEATURE_KINDS"]
+__all__ = ["body_mask", "sa_profile", "add_summaries", "profile_layers", "FEATURE_KINDS"]
 
 MaskFn = Callable[[torch.Tensor], torch.Tensor]
 FEATURE_KINDS = ("sa_pred", "sa_pred_body", "reverse", "reverse_body")
@@ -192,7 +193,23 @@ def sa_profile(
     table = table.rename(columns={
         "reverse:input": "input_reverse", "reverse_body:input": "input_reverse_body", "sa_pred_body:input": "input_sa_pred_body",
     })  # fmt: skip
-    return table
+    return add_summaries(table)
+
+
+def add_summaries(profile: pd.DataFrame) -> pd.DataFrame:
+    """Add ``mean:<kind>``, the mean over the hidden layers of each per-layer kind (undefined skipped).
+
+    A few summaries generalise to unseen shifts better than the wide per-layer vector; the
+    estimator chooses between them by cross-validation. Idempotent.
+    """
+    out = profile.copy()
+    for kind in FEATURE_KINDS:
+        cols = [c for c in out.columns if c.startswith(kind + ":")]
+        if cols:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN
+                out[f"mean:{kind}"] = np.nanmean(out[cols].to_numpy(float), axis=1)
+    return out
 
 
 def _column(kind: str, layer: str) -> str:
