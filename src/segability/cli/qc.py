@@ -35,6 +35,10 @@ from segability.cli.console import EXIT_FAILED, exit_with, fail, literal, usage_
 from segability.errors import UsageError
 
 QC_FILES = ("qc_comparison.csv", "qc_scores.csv", "qc_per_seed.csv")
+# estimation.qc.DEFAULT_SHIFTS / DEFAULT_SEVERITIES, spelled out so that --help does not import torch
+# (tests/test_cli_qc.py checks that they agree)
+PROFILE_SHIFTS = "gaussian_noise,blur,bias_field,contrast"
+PROFILE_SEVERITIES = "0.5,1.0"
 RUN_HELP = "A folder `segability analyze` wrote: use its analysis instead of analysing --images (the model is the run's unless --model is given)."
 
 
@@ -194,8 +198,10 @@ def qc_command(
     calibration: Path | None = typer.Option(None, "--calibration", help="calibration.json from `segability calibrate` (same model; checked)."),
     out: Path | None = typer.Option(None, "--out", help="Folder for the analysis, qc.csv and report.html (with --run: the run folder)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_HELP),
-    threshold: float = typer.Option(0.75, "--threshold", help="Flag images whose estimated Dice is below this."),
-    use_lower: bool = typer.Option(False, "--use-lower", help="Compare the interval's lower end instead of the estimate."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Flag images whose estimated Dice is below this (mean-SA calibration: default 0.75)."),
+    review_fraction: float | None = typer.Option(None, "--review-fraction", help="Profile calibration: flag this share of the images, the least trusted "
+                                                 "(ceil(fraction x n); default 0.2 when --threshold is not given)."),
+    use_lower: bool = typer.Option(False, "--use-lower", help="Mean-SA calibration: compare the interval's lower end instead of the estimate."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted analysis in --out."),
     force: bool = typer.Option(False, "--force", help="Replace earlier results in --out (or qc.csv in --run)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
@@ -203,15 +209,20 @@ def qc_command(
 ) -> None:
     """Flag the outputs a person should check, without labels, each with its status and reason.
 
-    Without --layers, only the calibration's layers are analysed. Exit codes: 0 every image
-    gated; 1 some image failed (listed, in errors.csv, and in qc.csv with status failed); 2 a
-    usage error.
+    With a mean-SA calibration: every image whose estimated Dice is below --threshold. With a
+    profile calibration (`calibrate --estimator profile`): the --review-fraction least trusted
+    images (out of range first, then the lowest lower bound) and/or those below --threshold; the
+    status says why (image_quality, model, shift). Without --layers, only the calibration's layers
+    are analysed. Exit codes: 0 every image gated; 1 some image failed (listed, in errors.csv, and
+    in qc.csv with status failed); 2 a usage error.
     """
     from rich.table import Table
 
     err, console = _consoles()
-    if not 0 <= threshold <= 1:
+    if threshold is not None and not 0 <= threshold <= 1:
         fail(err, f"--threshold must be in [0, 1], got {threshold}")
+    if review_fraction is not None and not 0 <= review_fraction <= 1:
+        fail(err, f"--review-fraction must be in [0, 1], got {review_fraction}")
     if calibration is None:
         fail(err, "--calibration is required to turn mean SA into an estimated Dice: make one with "
              "`segability calibrate --model ... --images DIR --labels DIR` on labelled images of the same kind")  # fmt: skip
@@ -227,18 +238,30 @@ def qc_command(
         fail(err, f"{folder} already holds qc.csv; pass --force to replace it or choose another --out")
 
     from segability.analysis.results import QC, write_table
-    from segability.estimation import Calibration
     from segability.estimation.calibration import fingerprint, state_dict_hash
-    from segability.estimation.qc import gate_result
+    from segability.estimation.qc import ProfileCalibration, gate_result, load_calibration, profile_gate
 
     try:
-        cal = Calibration.load(calibration)
+        cal = load_calibration(calibration)
     except (ValueError, OSError) as exc:
         fail(err, f"--calibration: {exc}")
+    profile = isinstance(cal, ProfileCalibration)
+    if profile and use_lower:
+        fail(err, "--use-lower applies to a mean-SA calibration; a profile calibration gates by --review-fraction or --threshold")
+    if not profile and review_fraction is not None:
+        fail(err, "--review-fraction needs a profile calibration (`segability calibrate --estimator profile`); "
+             "a mean-SA calibration gates by --threshold")  # fmt: skip
+    if profile and review_fraction is None and threshold is None:
+        review_fraction = 0.2
+    if not profile and threshold is None:
+        threshold = 0.75
     try:
         net = _load_model(_run_source(files, run) if run is not None else files)
         with _judged():
-            cal.check_fingerprint(fingerprint(state_dict_hash(net), cal.layers))
+            if profile:
+                cal.check_model(net)
+            else:
+                cal.check_fingerprint(fingerprint(state_dict_hash(net), cal.layers))
         if run is None:
             from segability.analysis import layer_names
 
@@ -250,14 +273,19 @@ def qc_command(
         analysis = _analysis(files, run=run, out=folder, resume=resume, force=force, progress=not no_progress,
                              layers=list(cal.layers))  # fmt: skip
         with _judged():
-            table = gate_result(analysis.result, cal, threshold=threshold, use_lower=use_lower, failed=analysis.failed)
+            if profile:
+                table = _profile_gate(analysis, cal, net, review_fraction, threshold, progress=not no_progress)
+            else:
+                table = gate_result(analysis.result, cal, threshold=threshold, use_lower=use_lower, failed=analysis.failed)
     except (UsageError, FileExistsError) as exc:
         _stop(err, exc, argument="out")
     write_table(table, qc_file, QC)
     n_failed = _report_failures(err, analysis) + int((analysis.result.images["status"] == "failed").sum())
 
     flagged = table[table["flag"]]
-    view = Table(title=f"Flagged: {len(flagged)} of {len(table)} images (estimated Dice < {threshold})")
+    rule = [f"the {review_fraction:.0%} least trusted"] if profile and review_fraction is not None else []
+    rule += [f"estimated Dice < {threshold}"] if threshold is not None else []
+    view = Table(title=f"Flagged: {len(flagged)} of {len(table)} images ({' or '.join(rule)})")
     for col in ("image", "estimated_dice", "mean_sa_pred", "input_sa_pred", "status", "reason"):
         view.add_column(col)
     for row in flagged.itertuples(index=False):
@@ -273,6 +301,61 @@ def qc_command(
             err.print(f"[yellow]note:[/yellow] the report was not built: {literal(exc)}", highlight=False)
     console.print(f"wrote {literal(qc_file)}", highlight=False)
     exit_with(0 if n_failed == 0 else EXIT_FAILED)
+
+
+def _image_items(analysis: _Analysis, *, labels: bool = False, skip: set[str] | None = None) -> Iterator[tuple[Any, ...]]:
+    """``(image id, image)`` (with ``labels``: ``(id, image, label)``) of a file run, read one at a
+    time with the run's preprocessing, in the order of images.parquet."""
+    from segability.io import load_item, load_preprocess
+
+    result, settings = analysis.result, analysis.result.settings
+    if "file" not in result.images.columns:
+        raise UsageError(f"--run: {analysis.folder} has no file column in images.parquet: this step needs the image "
+                         "files (a folder `segability analyze` wrote)")  # fmt: skip
+    try:
+        preprocess = load_preprocess(settings.get("preprocess"), argument="preprocess")
+    except ValueError as exc:
+        raise UsageError(f"--run: the run's preprocessing {settings.get('preprocess')!r} cannot be loaded again: {exc}") from exc
+    label_files = result.images["label_file"] if labels and "label_file" in result.images else [None] * len(result.images)
+    for image, file, label_file in zip(result.images["image"].astype(str), result.images["file"].astype(str), label_files,
+                                       strict=True):  # fmt: skip
+        if skip and image in skip:
+            continue
+        label_file = None if label_file is None or label_file != label_file or not str(label_file) else str(label_file)
+        x, y = load_item(file, label_file, preprocess)
+        yield (image, x, y) if labels else (image, x)
+
+
+def _profile_settings(analysis: _Analysis) -> dict[str, Any]:
+    """The analysis options the profile needs again (the readout, the mask); refuses what it cannot redo."""
+    settings = analysis.result.settings
+    if settings.get("roi_size"):
+        raise UsageError("the profile estimator needs whole-image forward passes: a run with --roi-size (sliding windows) "
+                         "takes a mean-SA calibration (--estimator mean-sa)")  # fmt: skip
+    if settings.get("output_key"):
+        raise UsageError("the profile estimator reads a tensor output: a run with --output-key takes a mean-SA calibration")
+    keys = ("output", "target", "guide", "mask", "empty")
+    return {k: settings[k] for k in keys if settings.get(k) is not None}
+
+
+def _profile_gate(analysis: _Analysis, cal: Any, net: Any, review_fraction: float | None, threshold: float | None,
+                  *, progress: bool) -> Any:  # fmt: skip
+    """The profile calibration's gate on a file run: profiles streamed over the run's files."""
+    from segability.estimation.qc import profile_gate
+    from segability.progress import progress_bar
+
+    _profile_settings(analysis)
+    result = analysis.result
+    missing = set(cal.layers) - set(result.layers["layer"].astype(str))
+    if missing:
+        raise UsageError(f"the calibration uses layers the analysis did not produce: {sorted(missing)[:5]}")
+    images = result.images.assign(image=result.images["image"].astype(str))
+    broken = images[images["status"] == "failed"]
+    failed = {**analysis.failed, **dict(zip(broken["image"], broken["reason"].astype(str), strict=True))}
+    n = len(images) - len(broken)
+    with progress_bar(progress, n, "SA profile") as advance:
+        table = cal.profile(net, _image_items(analysis, skip=set(broken["image"])), result, progress=advance)
+    return profile_gate(table, cal, result=result, review_fraction=review_fraction, threshold=threshold, failed=failed)
 
 
 # ------------------------------------------------------------------------------------ calibrate
@@ -293,37 +376,90 @@ def calibrate_command(
     files: opt.FileOptions,
     out: Path = typer.Option(Path("calibration.json"), "--out", help="Calibration file to write; the analysis goes to <stem>.run/ beside it."),
     run: Path | None = typer.Option(None, "--run", help=RUN_HELP + " Its images need labels."),
-    method: str = typer.Option("auto", "--method", help="auto, isotonic or linear."),
+    estimator: str = typer.Option("mean-sa", "--estimator", help="mean-sa (mean SA and input SA mapped to Dice) or profile "
+                                  "(the SA-profile estimator, fitted on the images plus synthetic shifts of them)."),
+    method: str = typer.Option("auto", "--method", help="mean-sa: auto, isotonic or linear."),
+    shifts: str = typer.Option(PROFILE_SHIFTS, "--shifts", help="profile: shift families to augment the images with, comma-separated."),
+    severities: str = typer.Option(PROFILE_SEVERITIES, "--severities", help="profile: shift severities in [0, 1], comma-separated."),
+    references: int = typer.Option(16, "--references", help="profile: labelled images kept for reverse SA (0: none)."),
     alpha: float = typer.Option(0.1, "--alpha", help="Miscoverage of the conformal interval."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted analysis in <stem>.run/."),
     force: bool = typer.Option(False, "--force", help="Replace the calibration file and its analysis."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
-    """Fit the map from mean SA to Dice (and its conformal interval) on labelled images.
+    """Fit a label-free Dice estimator (and its conformal interval) on labelled images.
 
-    The score averages every analysed layer with a defined SA (choose them with --layers).
-    Exit codes: 0 every image analysed; 1 some image failed (listed, in errors.csv; the
-    calibration is fitted on the others); 2 a usage error.
+    --estimator mean-sa (default): mean SA over every analysed layer with a defined SA (choose
+    them with --layers) and the input's SA, mapped to Dice. --estimator profile: the SA-profile
+    estimator (per-layer SA, body-masked SA, reverse SA against --references labelled images),
+    fitted on the images plus each of --shifts at each of --severities; the reference cache goes
+    beside the file (<stem>.references.npz). Exit codes: 0 every image analysed; 1 some image
+    failed (listed, in errors.csv; the calibration is fitted on the others); 2 a usage error.
     """
     err, console = _consoles()
+    if estimator not in ("mean-sa", "profile"):
+        fail(err, f"--estimator must be mean-sa or profile, got {estimator!r}")
     if out.exists() and not force:
         fail(err, f"{out} exists; pass --force to replace it")
     from segability.estimation.qc import fit_calibration
 
     try:
+        shift_list = [s.strip() for s in shifts.split(",") if s.strip()]
+        level_list = [float(s) for s in severities.split(",") if s.strip()]
+    except ValueError:
+        fail(err, f"--severities must be comma-separated numbers in [0, 1], got {severities!r}")
+    if estimator == "profile" and not all(0 <= v <= 1 for v in level_list):
+        fail(err, f"--severities must be in [0, 1], got {severities!r}")
+    try:
         analysis = _analysis(files, run=run, out=calibration_run_folder(out), resume=resume, force=force,
                              progress=not no_progress, need_labels=True)  # fmt: skip
         with _judged():
-            cal = fit_calibration(analysis.model(), analysis.result, method=method, alpha=alpha)
+            if estimator == "profile":
+                cal = _fit_profile(analysis, shift_list, level_list, references, alpha, progress=not no_progress)
+            else:
+                cal = fit_calibration(analysis.model(), analysis.result, method=method, alpha=alpha)
     except (UsageError, FileExistsError) as exc:
         _stop(err, exc, argument="out")
     n_failed = _report_failures(err, analysis)
     cal.save(out)
+    if estimator == "profile":
+        est = cal.estimator
+        refs = f"{len(cal.references)} references ({literal(_references_name(out))})" if cal.references is not None else "no references"
+        console.print(
+            f"profile estimator ({est.choice}) on {est.n} images ({est.n_groups} labelled, {len(shift_list)} shifts x "
+            f"{len(level_list)} severities); grouped-CV MAE {est.cv[est.choice]['mae']:.3f}, Spearman "
+            f"{est.cv[est.choice]['spearman']:.3f}; interval +-{est.radius:.3f} at {1 - alpha:.0%}; {len(cal.layers)} layers; "
+            f"{refs}; wrote {literal(out)} (analysis: {literal(analysis.folder)})", highlight=False,
+        )  # fmt: skip
+        exit_with(0 if n_failed == 0 else EXIT_FAILED)
     console.print(
         f"{cal.method} map on {cal.n} images ({cal.choice}); interval +-{cal.radius:.3f} at {1 - alpha:.0%}; "
         f"{len(cal.layers)} layers; wrote {literal(out)} (analysis: {literal(analysis.folder)})", highlight=False,
     )  # fmt: skip
     exit_with(0 if n_failed == 0 else EXIT_FAILED)
+
+
+def _references_name(out: Path) -> str:
+    from segability.estimation.qc import references_path
+
+    return references_path(out).name
+
+
+def _fit_profile(analysis: _Analysis, shifts: list[str], severities: list[float], references: int, alpha: float,
+                 *, progress: bool) -> Any:  # fmt: skip
+    """The profile estimator on a labelled file run: images and labels read again, one at a time."""
+    from segability.estimation.qc import fit_profile_calibration
+    from segability.progress import progress_bar
+
+    kwargs = _profile_settings(analysis)
+    net = analysis.model()
+    images = analysis.result.images
+    ok = images[images["status"].astype(str) != "failed"]
+    n = len(ok) * (1 + len(shifts) * len(severities))
+    with progress_bar(progress, n, "SA profiles (with shifts)") as advance:
+        return fit_profile_calibration(net, _image_items(analysis, labels=True, skip=set(images["image"].astype(str)) - set(ok["image"].astype(str))),
+                                       analysis.result, shifts=shifts, severities=severities, n_references=references,
+                                       alpha=alpha, progress=advance, **kwargs)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- evaluate-qc

@@ -385,6 +385,24 @@ class QualityEstimator:
         return path
 
     @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QualityEstimator:
+        """The estimator of :meth:`to_dict`'s contents (e.g. embedded in another JSON file); a tree
+        model is not part of it (:meth:`load` reads it).
+
+        Raises:
+            UsageError: contents of another format.
+        """
+        data = dict(data)
+        if data.pop("format", None) != FORMAT:
+            raise UsageError(f"not a segability quality estimator ({FORMAT})", argument="data")
+        # JSON has no inf / NaN: an infinite radius (too few residuals) and undefined numbers come back
+        infinite_radius = data.get("radius") is None
+        data = _from_json(data)
+        if infinite_radius:
+            data["radius"] = math.inf
+        return cls(**data)
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str], *, trust_trees: bool = False) -> QualityEstimator:
         """Read a file written by :meth:`save`.
 
@@ -399,13 +417,7 @@ class QualityEstimator:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
             raise UsageError(f"{path} is not a segability quality estimator ({FORMAT})", argument="path")
-        data.pop("format")
-        # JSON has no inf / NaN: an infinite radius (too few residuals) and undefined numbers come back
-        infinite_radius = data.get("radius") is None
-        data = _from_json(data)
-        if infinite_radius:
-            data["radius"] = math.inf
-        est = cls(**data)
+        est = cls.from_dict(data)
         if est.kind == "trees":
             if not trust_trees:
                 raise UsageError(
