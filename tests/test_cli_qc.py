@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -173,3 +174,109 @@ def test_qc_and_calibrate_read_a_finished_run(files, calibrated, tmp_path):
     res = _run("calibrate", "--run", run, "--out", refit)
     assert res.exit_code == 0, res.output
     assert json.loads(refit.read_text())["parameters"] == json.loads(cal.read_text())["parameters"]
+
+
+# ------------------------------------------------------------------- the SA-profile estimator
+@pytest.fixture(scope="module")
+def profile_calibrated(files, tmp_path_factory):
+    """A profile calibration of the module's model: its 16 labelled images plus 2 shifts at 1 severity."""
+    _, images, labels, model = files
+    cal = tmp_path_factory.mktemp("profile") / "calibration.json"
+    res = _run("calibrate", "--model", model, "--images", images, "--labels", labels, "--out", cal, "--estimator", "profile",
+               "--shifts", "blur,contrast", "--severities", "1.0", "--references", "8", "--no-progress")
+    assert res.exit_code == 0, res.output
+    return cal
+
+
+def test_profile_calibration_file_records_features_model_references_and_version(files, profile_calibrated):
+    import segability
+    from segability.estimation.calibration import state_dict_hash
+    from segability.estimation.qc import PROFILE_FORMAT, ProfileCalibration, references_path
+    from segability.io import load_model
+
+    card = json.loads(profile_calibrated.read_text())
+    assert card["format"] == PROFILE_FORMAT
+    assert card["shifts"] == ["blur", "contrast"] and card["severities"] == [1.0]
+    est = card["estimator"]
+    assert est["features"] and est["kind"] == "ridge" and len(est["coef"]) == len(est["features"])
+    assert est["n"] == 16 * 3 and est["n_groups"] == 16  # every image and its two shifted versions
+    assert card["version"] == est["version"] == segability.__version__
+    refs = references_path(profile_calibrated)
+    assert card["references"]["file"] == refs.name and refs.is_file() and card["references"]["images"] == 8
+    cal = ProfileCalibration.load(profile_calibrated)
+    assert cal.references is not None and cal.references.model_hash == cal.model_hash == card["model_hash"]
+    assert card["model_hash"] == state_dict_hash(load_model(files[3], None, device="cpu"))
+
+
+def test_profile_qc_flags_the_review_budget_with_reasons(files, profile_calibrated, tmp_path):
+    from segability.estimation.estimator import FlagStatus
+
+    _, images, _, model = files
+    out = tmp_path / "qc"
+    res = _run("qc", "--model", model, "--images", images, "--calibration", profile_calibrated, "--out", out,
+               "--review-fraction", "0.25", "--no-report", "--no-progress")
+    assert res.exit_code == 0, res.output
+    table = read_table(out / "qc.csv", QC)
+    assert list(table.columns[: len(QC.names)]) == list(QC.names) and len(table) == 16
+    # ceil(0.25 * 16) = 4 least trusted; out-of-range images are flagged in any case (and come first)
+    assert int(table["flag"].sum()) == max(math.ceil(0.25 * 16), int(table["out_of_range"].sum()))
+    assert set(table["status"]) <= {s.value for s in FlagStatus}
+    flagged, kept = table[table["flag"]], table[~table["flag"]]
+    assert (flagged["status"] != FlagStatus.OK.value).all() and (kept["status"] == FlagStatus.OK.value).all()
+    assert all(r == FlagStatus(s).message for s, r in zip(table["status"], table["reason"], strict=True))
+    # the least trusted are flagged: no kept image has a lower bound below a flagged in-range one
+    in_range = flagged[~flagged["out_of_range"]]
+    if len(in_range) and len(kept):
+        assert in_range["lower"].max() <= kept["lower"].min() + 1e-12
+    inside = table[~table["out_of_range"]]
+    assert ((inside["lower"] <= inside["estimated_dice"]) & (inside["estimated_dice"] <= inside["upper"])).all()
+    outside = table[table["out_of_range"]]
+    assert (outside["lower"] == 0).all() and (outside["upper"] == 1).all()
+    # by threshold instead: every image below it, no budget
+    out2 = tmp_path / "qc2"
+    cut = float(table["estimated_dice"].median())
+    res = _run("qc", "--model", model, "--images", images, "--calibration", profile_calibrated, "--out", out2,
+               "--threshold", cut, "--no-report", "--no-progress")
+    assert res.exit_code == 0, res.output
+    by_cut = read_table(out2 / "qc.csv", QC)
+    assert (by_cut["flag"] == ((by_cut["estimated_dice"] < cut) | by_cut["out_of_range"])).all()
+
+
+def test_profile_qc_reads_a_finished_run_and_records_failed_files(files, profile_calibrated, tmp_path):
+    _, _, _, model = files
+    images, _ = make_png_folder(tmp_path / "data", n=4, size=32, corrupt=True, orphan=False)
+    out = tmp_path / "qc"
+    res = _run("qc", "--model", model, "--images", images, "--calibration", profile_calibrated, "--out", out, "--no-report",
+               "--no-progress")
+    assert res.exit_code == 1, res.output
+    table = read_table(out / "qc.csv", QC).set_index("image")
+    assert table.loc["broken.png", "status"] == GateStatus.FAILED and bool(table.loc["broken.png", "flag"])
+    others = table.drop(index="broken.png")
+    assert len(others) == 4 and np.isfinite(others["estimated_dice"]).all()
+    assert int(others["flag"].sum()) >= math.ceil(0.2 * 4)  # the default budget, on the gated images only
+
+
+def test_profile_calibration_of_another_model_is_refused(files, profile_calibrated, tmp_path):
+    _, images, _, model = files
+    other = model.replace(":tiny_net", ":pointwise_net")
+    res = _run("qc", "--model", other, "--model-arg", "spatial_dims=2", "--images", images, "--calibration", profile_calibrated,
+               "--out", tmp_path / "o", "--no-report")
+    assert res.exit_code == 2 and "fitted for model" in res.output
+    assert not (tmp_path / "o" / "qc.csv").exists()
+
+
+def test_profile_options_are_checked(files, calibrated, profile_calibrated, tmp_path):
+    from segability.cli.qc import PROFILE_SEVERITIES, PROFILE_SHIFTS
+    from segability.estimation.qc import DEFAULT_SEVERITIES, DEFAULT_SHIFTS
+
+    assert PROFILE_SHIFTS == ",".join(DEFAULT_SHIFTS)
+    assert [float(s) for s in PROFILE_SEVERITIES.split(",")] == list(DEFAULT_SEVERITIES)
+    _, images, labels, model = files
+    mean_sa, _ = calibrated
+    res = _run("qc", "--model", model, "--images", images, "--calibration", mean_sa, "--out", tmp_path / "a", "--review-fraction", "0.2")
+    assert res.exit_code == 2 and "profile calibration" in res.output
+    res = _run("qc", "--model", model, "--images", images, "--calibration", profile_calibrated, "--out", tmp_path / "b", "--use-lower")
+    assert res.exit_code == 2 and "--use-lower" in res.output
+    res = _run("calibrate", "--model", model, "--images", images, "--labels", labels, "--out", tmp_path / "c.json",
+               "--estimator", "profile", "--shifts", "sunburn")
+    assert res.exit_code == 2 and "sunburn" in res.output
