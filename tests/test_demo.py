@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from segability.analysis.results import QC, read_table
 from segability.cli.app import app
 from segability.demo import DemoConfig, decoder_start, layer_findings, run_demo
-from segability.estimation import GateStatus
+from segability.estimation.estimator import FlagStatus
 from segability.models import file_sha256, load_reference_model, reference_card, reference_paths
 from segability.train import TrainConfig, train_reference
 
@@ -70,10 +71,19 @@ def test_reduced_demo_writes_a_complete_run_folder(demo_run):
     assert per_layer, "the layer findings name the clean images they are computed on"
     # qc.csv follows the QC schema: every column named by what it holds, a status per verdict
     qc = read_table(out / "qc.csv", QC)
-    assert {"mean_sa_pred", "input_sa_pred", "dice"} <= set(qc.columns)
-    assert set(qc["status"]) <= {s.value for s in GateStatus}
-    assert (qc["flag"] == (qc["status"] != GateStatus.OK)).all()
-    assert all(r == GateStatus(st).reason for st, r in zip(qc["status"], qc["reason"], strict=True) if st != "failed")
+    assert list(qc.columns[: len(QC.names)]) == list(QC.names)
+    assert {"mean_sa_pred", "input_sa_pred", "dice", "out_of_range"} <= set(qc.columns)
+    assert set(qc["status"]) <= {s.value for s in FlagStatus}
+    assert (qc["flag"] == (qc["status"] != FlagStatus.OK)).all()
+    assert all(r == FlagStatus(st).message for st, r in zip(qc["status"], qc["reason"], strict=True))
+    # the profile estimator gates the held-out half by a 20 % budget: ceil(0.2 n) least trusted,
+    # or more when more images are out of range (always flagged, with the interval [0, 1])
+    k = math.ceil(cfg.review_fraction * len(qc))
+    assert int(qc["flag"].sum()) == max(k, int(qc["out_of_range"].sum())) and summary.flagged == int(qc["flag"].sum())
+    assert ((qc.loc[qc["out_of_range"], "lower"] == 0) & (qc.loc[qc["out_of_range"], "upper"] == 1)).all()
+    assert len(qc) < len(images) and summary.n_gate == len(qc)  # the other half calibrated the estimator
+    gate_note = [f for f in findings if isinstance(f, str) and f.startswith("Quality gate")]
+    assert len(gate_note) == 1 and f"flags {summary.flagged}" in gate_note[0] and "Spearman" in gate_note[0]
     timing = json.loads((out / "timing.json").read_text())
     assert timing["seconds"]["total"] > 0
     # the summary's correlation is the one measured on the saved table
