@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import segability
+from segability import analyze
 from segability.analysis.results import QC, read_table, write_table
 from segability.estimation import GateStatus, quality_gate
 from segability.estimation.qc import COMPARISON_COLUMNS, QC_COLUMNS, fit_calibration
@@ -201,3 +202,60 @@ def test_qc_csv_columns_and_status_against_a_hand_made_case(tmp_path):
     assert back["input_sa_pred"]["hard"] == 0.2 and np.isnan(back["input_sa"]["hard"])
     assert back["input_sa_source"]["hard"] == "prediction"
     assert back["reason"]["broken"] == GateStatus.MODEL_FAILS.reason and back["reason"]["good"] == ""
+
+
+# ------------------------------------------------------------------- the SA-profile estimator
+def _profile_calibration(tmp_path):
+    """A profile calibration of a small 2D UNet on 12 random labelled images (2 shifts, 1 severity)."""
+    from monai.networks.nets import UNet
+
+    from segability.estimation.qc import fit_profile_calibration
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, 1, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    x = torch.rand(12, 1, 16, 16)
+    y = (x > 0.6).float()
+    ids = [f"i{k}" for k in range(12)]
+    result = analyze(net, x, y, ids=ids, batch_size=12)
+    items = [(i, x[k], y[k]) for k, i in enumerate(ids)]
+    cal = fit_profile_calibration(net, items, result, shifts=("blur", "contrast"), severities=(1.0,), n_references=4)
+    return net, x, ids, result, cal
+
+
+def test_profile_calibration_round_trip_gate_and_failed_rows(tmp_path):
+    from segability.errors import UsageError
+    from segability.estimation.estimator import FlagStatus
+    from segability.estimation.qc import PROFILE_COLUMNS, ProfileCalibration, load_calibration, profile_gate, references_path
+
+    net, x, ids, result, cal = _profile_calibration(tmp_path)
+    assert cal.estimator.n == 12 * 3 and cal.estimator.n_groups == 12 and len(cal.references) == 4
+    path = cal.save(tmp_path / "cal.json")
+    back = load_calibration(path)
+    assert isinstance(back, ProfileCalibration) and back.layers == cal.layers and back.shifts == ["blur", "contrast"]
+    back.check_model(net)
+    prof = back.profile(net, [(i, x[k]) for k, i in enumerate(ids)], result)
+    pd.testing.assert_frame_equal(prof, cal.profile(net, [(i, x[k]) for k, i in enumerate(ids)], result))
+    table = profile_gate(prof, back, result=result, review_fraction=0.25, failed={"gone.png": "OSError: truncated"})
+    assert list(table.columns) == PROFILE_COLUMNS and len(table) == 13
+    gated = table[table["image"] != "gone.png"]
+    assert int(gated["flag"].sum()) == max(3, int(gated["out_of_range"].sum()))  # ceil(0.25 * 12) = 3
+    assert set(gated["status"]) <= {s.value for s in FlagStatus}
+    assert table.set_index("image").loc["gone.png", "status"] == "failed"
+    # another model, and a reference cache changed after the fact, are refused
+    other = torch.nn.Conv2d(1, 1, 1)
+    with pytest.raises(UsageError, match="fitted for model"):
+        back.check_model(other)
+    refs = references_path(path)
+    refs.write_bytes(refs.read_bytes() + b"\0")
+    with pytest.raises(UsageError, match="changed"):
+        load_calibration(path)
+
+
+def test_shift_image_keeps_the_intensity_range():
+    from segability.estimation.qc import shift_image
+
+    x = torch.rand(1, 32, 32)
+    for scale in (1.0, 1000.0):
+        out = shift_image(x * scale, "contrast", 1.0)
+        # contrast around the mean: the same relative change at any scale
+        torch.testing.assert_close(out / scale, shift_image(x, "contrast", 1.0), rtol=1e-4, atol=1e-4)

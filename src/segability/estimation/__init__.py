@@ -1,7 +1,9 @@
 """Label-free output quality from SA scores: layer choice, calibration, the gate, baselines, metrics.
 
 Layer 3 of segability: it reads the ``layers`` / ``images`` tables of an analysis run (pandas) and
-torch probability maps; :mod:`segability.estimation.qc` runs the analysis layer below it.
+torch probability maps; :mod:`segability.estimation.qc` runs the analysis layer below it. Two
+estimators of Dice: the mean-SA map (:class:`Calibration`) and the SA-profile estimator
+(:class:`QualityEstimator`, applied with its reference cache as a :class:`ProfileCalibration`).
 """
 
 from segability.estimation.baselines import (
@@ -35,14 +37,19 @@ from segability.estimation.gate import (
     GateStatus,
     quality_gate,
 )
+from segability.estimation.estimator import FlagStatus, QualityEstimator
 from segability.estimation.qc import (
+    ProfileCalibration,
     QCEvaluation,
     baseline_scores,
     compare_qc,
     evaluate_qc,
     fit_calibration,
+    fit_profile_calibration,
     gate_result,
+    load_calibration,
     method_scores,
+    profile_gate,
     qc,
     stream_baseline_scores,
 )
@@ -56,6 +63,12 @@ from segability.estimation.selection import (
 
 __all__ = [
     "qc",
+    "QualityEstimator",
+    "FlagStatus",
+    "ProfileCalibration",
+    "fit_profile_calibration",
+    "profile_gate",
+    "load_calibration",
     "gate_result",
     "evaluate_qc",
     "compare_qc",
