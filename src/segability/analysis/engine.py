@@ -128,8 +128,8 @@ class Engine:
         self.order_known = False
         self.book = IdBook()
         self.image_order: list[str] = []
-        self.layer_frames: list[pd.DataFrame] = []
-        self.unit_frames: list[pd.DataFrame] = []
+        self.layer_rows = _Rows()
+        self.unit_rows = _Rows()
         self.image_rows: list[dict[str, Any]] = []
         self.maps: dict[str, dict[str, Any]] = {}
         self.failed: list[tuple[str, str]] = []
@@ -326,49 +326,29 @@ class Engine:
                 self._scored_rows(name, scores[name], ctx, shapes[name])
             else:
                 status, why = skipped[name]
-                self.layer_frames.append(self._skipped_frame(ctx.ids, name, status, why, shapes.get(name, "")))
+                self._skipped_rows(ctx.ids, name, status, why, shapes.get(name, ""))
 
     def _scored_rows(self, name: str, s: ImageScores, ctx: _Context, shape: str) -> None:
         sa = s.sa.detach().double().cpu().numpy()
         n = len(ctx.ids)
-        status = [st.value for st in s.status]
-        self.layer_frames.append(
-            pd.DataFrame(
-                {
-                    "image": ctx.ids,
-                    "layer": name,
-                    "depth": self.depth[name],
-                    "channels": ctx.channels[name],
-                    "shape": shape,
-                    "sa": sa[:, 0] if ctx.has_label else np.full(n, math.nan),
-                    "sa_pred": sa[:, -1],
-                    "status": status,
-                    "reason": [st.message for st in s.status],
-                }
-            )
-        )
+        self.layer_rows.add(
+            n, image=ctx.ids, layer=name, depth=self.depth[name], channels=ctx.channels[name], shape=shape,
+            sa=sa[:, 0] if ctx.has_label else np.full(n, math.nan), sa_pred=sa[:, -1],
+            status=[st.value for st in s.status], reason=[st.message for st in s.status],
+        )  # fmt: skip
         if s.units is not None:
             u = s.units.detach().double().cpu().numpy()  # (B, R, C)
             c = u.shape[2]
-            self.unit_frames.append(
-                pd.DataFrame(
-                    {
-                        "image": np.repeat(np.array(ctx.ids, dtype=object), c),
-                        "layer": name,
-                        "unit": np.tile(np.arange(c), n),
-                        "sa": u[:, 0].reshape(-1) if ctx.has_label else np.full(n * c, math.nan),
-                        "sa_pred": u[:, -1].reshape(-1),
-                    }
-                )
-            )
+            self.unit_rows.add(
+                n * c, image=np.repeat(np.array(ctx.ids, dtype=object), c), layer=name, unit=np.tile(np.arange(c), n),
+                sa=u[:, 0].reshape(-1) if ctx.has_label else np.full(n * c, math.nan), sa_pred=u[:, -1].reshape(-1),
+            )  # fmt: skip
 
-    def _skipped_frame(self, ids: list[str], name: str, status: Status, why: str, shape: str = "") -> pd.DataFrame:
+    def _skipped_rows(self, ids: list[str], name: str, status: Status, why: str, shape: str = "") -> None:
         n = len(ids)
-        return pd.DataFrame(
-            {
-                "image": ids, "layer": name, "depth": self.depth.get(name, 0), "channels": 0, "shape": shape,
-                "sa": np.full(n, math.nan), "sa_pred": np.full(n, math.nan), "status": status.value, "reason": why,
-            }
+        self.layer_rows.add(
+            n, image=ids, layer=name, depth=self.depth.get(name, 0), channels=0, shape=shape,
+            sa=np.full(n, math.nan), sa_pred=np.full(n, math.nan), status=status.value, reason=why,
         )  # fmt: skip
 
     def _image_rows(self, ctx: _Context, label: torch.Tensor | None, pred: torch.Tensor) -> list[dict[str, Any]]:
@@ -396,7 +376,7 @@ class Engine:
             self.failed.append((image, detail))
             self.image_rows.append({"image": image, "dice": math.nan, "status": Status.FAILED.value, "reason": why})
             for name in (INPUT, *self.names):
-                self.layer_frames.append(self._skipped_frame([image], name, Status.FAILED, why))
+                self._skipped_rows([image], name, Status.FAILED, why)
 
     # -------------------------------------------------------------------------------- maps
     def _start_maps(self, ctx: _Context, images: torch.Tensor, label: torch.Tensor | None, prob: torch.Tensor) -> None:
@@ -453,7 +433,7 @@ class Engine:
                 stacklevel=3,
             )
         position = {image: i for i, image in enumerate(self.image_order)}
-        layers_df = pd.concat(self.layer_frames, ignore_index=True) if self.layer_frames else empty_table(LAYERS)
+        layers_df = self.layer_rows.frame() if self.layer_rows else empty_table(LAYERS)
         layers_df = typed(layers_df.assign(depth=layers_df["layer"].map(self.depth).fillna(0)), LAYERS)
         layers_df = _in_order(layers_df, position, ["depth"])
         images_df = pd.DataFrame(self.image_rows, columns=["image", "dice", "status", "reason"])
@@ -466,7 +446,7 @@ class Engine:
             images_df = images_df.merge(meta, on="image", how="left", suffixes=("", "_meta"))
         units_df = None
         if self.config.scoring.units:
-            units_df = pd.concat(self.unit_frames, ignore_index=True) if self.unit_frames else empty_table(UNITS)
+            units_df = self.unit_rows.frame() if self.unit_rows else empty_table(UNITS)
             units_df = typed(units_df, UNITS)
             depth = units_df["layer"].map(self.depth)
             units_df = _in_order(units_df.assign(_depth=depth), position, ["_depth", "unit"]).drop(columns="_depth")
@@ -483,6 +463,29 @@ class Engine:
             **(settings or {}),
         }
         return SAResult(layers=layers_df, images=images_df, units=units_df, maps=self.maps, settings=all_settings)
+
+
+class _Rows:
+    """Columns of a table, added a block of rows at a time; one DataFrame at the end (a DataFrame
+    per layer and batch would cost more than scoring the layer)."""
+
+    def __init__(self) -> None:
+        self._columns: dict[str, list[np.ndarray]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._columns)
+
+    def add(self, n: int, **columns: Any) -> None:
+        """``n`` rows; a value is a sequence of ``n`` or one value for every row."""
+        for name, value in columns.items():
+            if isinstance(value, (str, int, float)) or value is None:
+                block = np.full(n, value, dtype=object if isinstance(value, str) or value is None else None)
+            else:
+                block = np.asarray(value, dtype=object if isinstance(value, list) else None)
+            self._columns.setdefault(name, []).append(block)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({name: np.concatenate(blocks) for name, blocks in self._columns.items()})
 
 
 def _in_order(df: pd.DataFrame, position: dict[str, int], by: list[str]) -> pd.DataFrame:

@@ -175,7 +175,7 @@ class SegmentationAbility:
             if not parts:
                 continue
             ids = [i for part_ids, _ in parts for i in part_ids]
-            counts = SACounts.cat([c for _, c in parts])
+            counts = parts[0][1] if len(parts) == 1 else SACounts.cat([c for _, c in parts])
             order = list(dict.fromkeys(ids))
             if len(order) != len(ids):
                 position = {i: k for k, i in enumerate(order)}
