@@ -189,7 +189,10 @@ def typed(df: pd.DataFrame, schema: Schema, *, fill: bool = False) -> pd.DataFra
         if c.name not in df.columns:
             continue
         if c.dtype == "string":
-            df[c.name] = df[c.name].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)).astype(object)
+            values = df[c.name]
+            if pd.api.types.infer_dtype(values, skipna=False) not in ("string", "empty"):  # else already text
+                values = values.where(values.notna(), "").astype(str)
+            df[c.name] = values.astype(object)
         elif c.dtype == "bool":
             values = df[c.name]
             if not pd.api.types.is_bool_dtype(values):  # written as text ("True", "yes", "0", ...)
@@ -214,7 +217,7 @@ def validate_table(df: pd.DataFrame, schema: Schema, *, source: str = "") -> Non
     for c in schema.columns:
         values = df[c.name]
         if c.dtype == "string":
-            ok = values.map(lambda v: isinstance(v, str)).all()
+            ok = pd.api.types.infer_dtype(values, skipna=False) in ("string", "empty")
         elif c.dtype == "bool":
             ok = pd.api.types.is_bool_dtype(values)
         elif c.dtype == "int64":
