@@ -152,13 +152,15 @@ QC = Schema(
         Column("lower", "float64", True, doc="lower end of the estimate's interval"),
         Column("upper", "float64", True, doc="upper end of the estimate's interval"),
         Column("flag", "bool", doc="sent to a person for review"),
-        Column("status", "string", doc="the gate's status: ok, low_input_sa, model_fails, no_input_sa, "
-               "empty_prediction, sa_undefined, failed"),  # fmt: skip
+        Column("status", "string", doc="the gate's status: with a mean-SA calibration ok, low_input_sa, "
+               "model_fails, no_input_sa, empty_prediction, sa_undefined, failed; with a profile estimator "
+               "ok, image_quality, model, shift (FlagStatus), failed"),  # fmt: skip
         _REASON,
     ),
     extra=True,
     doc="the quality gate, one row per image; then the scores it used: mean_sa_pred, input_sa_pred, "
-    "input_sa (label-guided, NaN without label), input_sa_source (which of the two the gate read)",
+    "input_sa (label-guided, NaN without label), input_sa_source (which of the two the gate read); with a "
+    "profile estimator out_of_range and distance (the features' distance to the calibration data)",
 )
 HISTORY = Schema(
     "history.csv",
