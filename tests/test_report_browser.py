@@ -21,6 +21,7 @@ import pytest
 
 from browser import DevTools
 from browser import chromium as _chromium
+from browser import page_errors as _errors
 from browser import unavailable as _unavailable
 from report_fixtures import MALICIOUS_IMAGE, MALICIOUS_LAYER, MALICIOUS_SETTING, write_result
 from segability.report import build_report
@@ -74,19 +75,6 @@ def page(run_dir, tmp_path_factory):
         yield tools
     finally:
         tools.close()
-
-
-def _errors(events: list[dict]) -> list[str]:
-    out = []
-    for ev in events:
-        m, p = ev["method"], ev.get("params", {})
-        if m == "Runtime.exceptionThrown":
-            out.append(str(p.get("exceptionDetails")))
-        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            out.append(str(p.get("args")))
-        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-            out.append(p["entry"].get("text", ""))
-    return out
 
 
 def test_no_console_error_and_no_dialog(page):

@@ -239,7 +239,11 @@ def qc_command(
 
     from segability.analysis.results import QC, write_table
     from segability.estimation.calibration import fingerprint, state_dict_hash
-    from segability.estimation.qc import ProfileCalibration, gate_result, load_calibration, profile_gate
+    from segability.estimation.qc import (
+        ProfileCalibration,
+        gate_result,
+        load_calibration,
+    )
 
     try:
         cal = load_calibration(calibration)
@@ -303,19 +307,27 @@ def qc_command(
     exit_with(0 if n_failed == 0 else EXIT_FAILED)
 
 
+
+def _run_preprocess(analysis: _Analysis, who: str) -> Any:
+    """The preprocessing of a file run, loaded again to read its images one at a time."""
+    from segability.io import load_preprocess
+
+    if "file" not in analysis.result.images.columns:
+        raise UsageError(f"--run: {analysis.folder} has no file column in images.parquet: {who} needs the image "
+                         "files (a folder `segability analyze` wrote)")  # fmt: skip
+    setting = analysis.result.settings.get("preprocess")
+    try:
+        return load_preprocess(setting, argument="preprocess")
+    except ValueError as exc:
+        raise UsageError(f"--run: the run's preprocessing {setting!r} cannot be loaded again: {exc}") from exc
+
 def _image_items(analysis: _Analysis, *, labels: bool = False, skip: set[str] | None = None) -> Iterator[tuple[Any, ...]]:
     """``(image id, image)`` (with ``labels``: ``(id, image, label)``) of a file run, read one at a
     time with the run's preprocessing, in the order of images.parquet."""
-    from segability.io import load_item, load_preprocess
+    from segability.io import load_item
 
-    result, settings = analysis.result, analysis.result.settings
-    if "file" not in result.images.columns:
-        raise UsageError(f"--run: {analysis.folder} has no file column in images.parquet: this step needs the image "
-                         "files (a folder `segability analyze` wrote)")  # fmt: skip
-    try:
-        preprocess = load_preprocess(settings.get("preprocess"), argument="preprocess")
-    except ValueError as exc:
-        raise UsageError(f"--run: the run's preprocessing {settings.get('preprocess')!r} cannot be loaded again: {exc}") from exc
+    result = analysis.result
+    preprocess = _run_preprocess(analysis, "this step")
     label_files = result.images["label_file"] if labels and "label_file" in result.images else [None] * len(result.images)
     for image, file, label_file in zip(result.images["image"].astype(str), result.images["file"].astype(str), label_files,
                                        strict=True):  # fmt: skip
@@ -527,17 +539,11 @@ def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int
     import torch
 
     from segability.estimation.qc import compare_qc, stream_baseline_scores, windowed
-    from segability.io import load_item, load_preprocess
+    from segability.io import load_item
     from segability.progress import progress_bar
 
     result, settings = analysis.result, analysis.result.settings
-    if "file" not in result.images.columns:
-        raise UsageError(f"--run: {analysis.folder} has no file column in images.parquet: the baselines need the image files "
-                     "(a folder `segability analyze` wrote)")  # fmt: skip
-    try:
-        preprocess = load_preprocess(settings.get("preprocess"), argument="preprocess")
-    except ValueError as exc:
-        raise UsageError(f"--run: the run's preprocessing {settings.get('preprocess')!r} cannot be loaded again: {exc}") from exc
+    preprocess = _run_preprocess(analysis, "the baselines")
     device = files.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = analysis.model().to(device)
     output_key = settings.get("output_key")
