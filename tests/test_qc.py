@@ -225,7 +225,13 @@ def _profile_calibration(tmp_path):
 def test_profile_calibration_round_trip_gate_and_failed_rows(tmp_path):
     from segability.errors import UsageError
     from segability.estimation.estimator import FlagStatus
-    from segability.estimation.qc import PROFILE_COLUMNS, ProfileCalibration, load_calibration, profile_gate, references_path
+    from segability.estimation.qc import (
+        PROFILE_COLUMNS,
+        ProfileCalibration,
+        load_calibration,
+        profile_gate,
+        references_path,
+    )
 
     net, x, ids, result, cal = _profile_calibration(tmp_path)
     assert cal.estimator.n == 12 * 3 and cal.estimator.n_groups == 12 and len(cal.references) == 4

@@ -20,6 +20,7 @@ from segability.estimation.calibration import (
     fingerprint,
     state_dict_hash,
 )
+from segability.estimation.estimator import FlagStatus, QualityEstimator
 from segability.estimation.evaluation import (
     MetricUndefinedWarning,
     aurc,
@@ -37,7 +38,6 @@ from segability.estimation.gate import (
     GateStatus,
     quality_gate,
 )
-from segability.estimation.estimator import FlagStatus, QualityEstimator
 from segability.estimation.qc import (
     ProfileCalibration,
     QCEvaluation,

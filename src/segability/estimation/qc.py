@@ -25,6 +25,7 @@ from torch import nn
 
 from segability.analysis import INPUT, SAResult, analyze, model_probabilities, output_tensor
 from segability.capture import eval_mode
+from segability.errors import UsageError
 from segability.estimation.baselines import (
     boundary_confidence,
     mc_dropout_agreement,
@@ -32,7 +33,6 @@ from segability.estimation.baselines import (
     mean_max_prob_foreground,
     tta_flip_agreement,
 )
-from segability.errors import UsageError
 from segability.estimation.calibration import Calibration, fingerprint, state_dict_hash
 from segability.estimation.estimator import QualityEstimator
 from segability.estimation.evaluation import (
