@@ -353,7 +353,7 @@ def _profile_settings(analysis: _Analysis) -> dict[str, Any]:
 def _profile_gate(analysis: _Analysis, cal: Any, net: Any, review_fraction: float | None, threshold: float | None,
                   *, progress: bool) -> Any:  # fmt: skip
     """The profile calibration's gate on a file run: profiles streamed over the run's files."""
-    from segability.estimation.qc import profile_gate
+    from segability.estimation.profile_gate import profile_gate
     from segability.progress import progress_bar
 
     _profile_settings(analysis)
@@ -452,7 +452,7 @@ def calibrate_command(
 
 
 def _references_name(out: Path) -> str:
-    from segability.estimation.qc import references_path
+    from segability.estimation.profile_gate import references_path
 
     return references_path(out).name
 
@@ -460,7 +460,7 @@ def _references_name(out: Path) -> str:
 def _fit_profile(analysis: _Analysis, shifts: list[str], severities: list[float], references: int, alpha: float,
                  *, progress: bool) -> Any:  # fmt: skip
     """The profile estimator on a labelled file run: images and labels read again, one at a time."""
-    from segability.estimation.qc import fit_profile_calibration
+    from segability.estimation.profile_gate import fit_profile_calibration
     from segability.progress import progress_bar
 
     kwargs = _profile_settings(analysis)

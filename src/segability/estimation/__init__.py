@@ -38,18 +38,20 @@ from segability.estimation.gate import (
     GateStatus,
     quality_gate,
 )
-from segability.estimation.qc import (
+from segability.estimation.profile_gate import (
     ProfileCalibration,
+    fit_profile_calibration,
+    load_calibration,
+    profile_gate,
+)
+from segability.estimation.qc import (
     QCEvaluation,
     baseline_scores,
     compare_qc,
     evaluate_qc,
     fit_calibration,
-    fit_profile_calibration,
     gate_result,
-    load_calibration,
     method_scores,
-    profile_gate,
     qc,
     stream_baseline_scores,
 )
