@@ -51,7 +51,7 @@ from segability.analysis import (
     model_probabilities,
     output_tensor,
 )
-from segability.analysis.engine import model_device
+from segability.analysis.features import model_device
 from segability.analysis.inputs import Batch, batches
 from segability.capture import CONV_TYPES, FeatureRecorder, LayerSpec, eval_mode, resolve_layers
 from segability.core.functional import dice_from_counts

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from segability.analysis.config import AnalysisConfig
-from segability.analysis.features import batch_mask, layer_features, layer_names, shape_text
+from segability.analysis.features import (
+    batch_mask,
+    hookable,
+    layer_features,
+    layer_names,
+    model_device,
+    shape_text,
+)
 from segability.analysis.inputs import Batch, IdBook
 from segability.analysis.readout import label_target, model_probabilities
 from segability.analysis.results import (
@@ -54,14 +61,6 @@ __all__ = ["Engine", "BEST_UNITS_KEPT", "model_device"]
 
 BEST_UNITS_KEPT = 3
 Progress = Callable[[int], None]
-
-
-def model_device(model: nn.Module, device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
-    """Where the model runs (``device``, else its parameters' device) and the input dtype it takes."""
-    params = next(iter(model.parameters()), None)
-    dev = torch.device(device) if device is not None else (params.device if params is not None else torch.device("cpu"))
-    dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
-    return dev, dtype
 
 
 @dataclass
@@ -114,11 +113,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, config: AnalysisConfig, *, device: str | torch.device | None = None):
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}", argument="model")
-        if isinstance(model, torch.jit.ScriptModule):
-            raise UsageError("model: TorchScript modules cannot take forward hooks; give the Python nn.Module", argument="model")
-        self.model = model
+        self.model = hookable(model)
         self.config = config
         self.names = layer_names(model, config.capture.layers)
         self.device, self.dtype = model_device(model, device)

@@ -16,7 +16,24 @@ from segability.capture import conv_layers, resolve_layers
 from segability.core.resize import resize
 from segability.errors import UsageError
 
-__all__ = ["layer_features", "tokens_to_grid", "layer_names", "batch_mask", "shape_text"]
+__all__ = ["layer_features", "tokens_to_grid", "layer_names", "batch_mask", "shape_text", "hookable", "model_device"]
+
+
+def hookable(model: Any) -> nn.Module:
+    """``model`` itself when forward hooks can be put on it; else a usage error that says why."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}", argument="model")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UsageError("model: TorchScript modules cannot take forward hooks; give the Python nn.Module", argument="model")
+    return model
+
+
+def model_device(model: nn.Module, device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where the model runs (``device``, else its parameters' device) and the input dtype it takes."""
+    params = next(iter(model.parameters()), None)
+    dev = torch.device(device) if device is not None else (params.device if params is not None else torch.device("cpu"))
+    dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
+    return dev, dtype
 
 
 def layer_names(model: nn.Module, layers: Any = "auto") -> list[str]:

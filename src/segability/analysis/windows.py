@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +38,13 @@ from segability.analysis.config import (
     Scoring,
     Windows,
 )
-from segability.analysis.features import layer_features, layer_names, shape_text
+from segability.analysis.features import (
+    hookable,
+    layer_features,
+    layer_names,
+    model_device,
+    shape_text,
+)
 from segability.analysis.readout import label_target, model_probabilities, output_tensor
 from segability.analysis.results import (
     IMAGES,
@@ -127,13 +134,9 @@ class WindowRun:
     def __init__(self, model: nn.Module, config: AnalysisConfig, *, device: str | torch.device | None = None):
         if config.windows is None:
             raise UsageError("config.windows must be set for a windowed analysis", argument="windows")
-        if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-            raise UsageError("model must be a Python torch.nn.Module (TorchScript cannot take forward hooks)", argument="model")
-        self.model = model
+        self.model = hookable(model)
         self.config = config
         self.names = layer_names(model, config.capture.layers)
-        from segability.analysis.engine import model_device
-
         self.device, self.dtype = model_device(model, device)
 
     def _roi(self, image: Any, label: Any) -> tuple[int, ...]:
@@ -222,8 +225,6 @@ class WindowRun:
                     skipped[name] = (Status.NOT_FEATURES, why_not[name])
             reused = sorted(n for n, c in first["calls"].items() if c > 1)
             if reused:
-                import warnings
-
                 warnings.warn(f"layers called more than once per forward pass (their last call is scored): {reused}", stacklevel=3)
 
             prob, pred, k = model_probabilities(stitched, r.output, r.target_index, r.output_key)

@@ -39,7 +39,7 @@ from segability.analysis import (
     Readout,
     Scoring,
 )
-from segability.analysis.engine import model_device
+from segability.analysis.features import model_device
 from segability.analysis.inputs import batches
 from segability.capture import FeatureRecorder, LayerSpec, eval_mode
 from segability.errors import UsageError
