@@ -9,11 +9,15 @@ STAMP := $(VENV)/.segability-installed
 install: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU build kept on disk; a looser pin would pull a CUDA build.
+# nnunetv2 and dynamic-network-architectures last and with --no-deps: the latter asks for timm, which
+# asks for torchvision, which makes pip replace the CPU torch; nnU-Net inference needs neither (the
+# rest of their requirements is the [nnunet] extra).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,lightning,ignite,ray,compress,review]"
+	$(PY) -m pip install --quiet -e ".[test,lightning,ignite,ray,compress,review,nnunet]"
+	$(PY) -m pip install --quiet --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
 	touch $(STAMP)
 
 demo: install
