@@ -210,3 +210,80 @@ def test_mc_dropout_with_predict_callable_and_3d():
     score = mc_dropout_agreement(net, x, lambda t: torch.sigmoid(net(t)), n=4)
     assert score.shape == (2,) and bool(((score >= 0) & (score <= 1)).all())
     assert net.training  # as found
+
+
+# ----------------------------------------------------------------------------- deep ensemble
+from segability.errors import UsageError  # noqa: E402
+from segability.estimation.baselines import (  # noqa: E402
+    ensemble_agreement,
+    ensemble_members,
+    ensemble_scores,
+    forward_passes,
+    stream_ensemble_scores,
+)
+
+
+def _toy_member(bias: float) -> dict[str, torch.Tensor]:
+    """A 1x1 convolution (weight 10): foreground where x > -bias / 10, probability sigmoid(10 x + bias)."""
+    return {"weight": torch.full((1, 1, 1, 1), 10.0, dtype=torch.float64), "bias": torch.tensor([bias], dtype=torch.float64)}
+
+
+def test_ensemble_pairwise_dice_of_two_toy_models_by_hand():
+    # x: one row 0.1 ... 0.6; member 0 (bias -2.5) marks x > 0.25 -> 4 pixels {0.3 .. 0.6};
+    # member 1 (bias -4.5) marks x > 0.45 -> 2 pixels {0.5, 0.6}. Dice = 2 * 2 / (4 + 2) = 2/3.
+    # image 2: x = 0 -> both empty -> Dice 1 (they agree).
+    net = torch.nn.Conv2d(1, 1, 1).double()
+    net.load_state_dict(_toy_member(-2.5))
+    members = ensemble_members(net, [_toy_member(-4.5)], names=["b.pt"])
+    assert members[0] is net and members[1] is not net
+    predicts = [lambda x, m=m: torch.sigmoid(m(x)) for m in members]
+    x = torch.stack([torch.tensor([[[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]]), torch.zeros(1, 1, 6)]).double()
+    torch.testing.assert_close(ensemble_agreement(predicts, x), torch.tensor([2 / 3, 1.0]))
+    # three members: add one marking x > 0.35 -> {0.4, 0.5, 0.6}: pairs 2*3/7, 2*2/5 and 2/3
+    members3 = ensemble_members(net, [_toy_member(-4.5), _toy_member(-3.5)])
+    predicts3 = [lambda x, m=m: torch.sigmoid(m(x)) for m in members3]
+    expected = (2 / 3 + 6 / 7 + 4 / 5) / 3
+    assert float(ensemble_agreement(predicts3, x[:1])[0]) == pytest.approx(expected, abs=1e-6)
+    # the entropy of the members' mean probability, by hand
+    scores = ensemble_scores(predicts, x)
+    p0 = 1 / (1 + np.exp(-(10 * np.arange(1, 7) / 10 - 2.5)))
+    p1 = 1 / (1 + np.exp(-(10 * np.arange(1, 7) / 10 - 4.5)))
+    expected_entropy = -np.mean([h(p) for p in (p0 + p1) / 2])
+    assert float(scores["ensemble_entropy"][0]) == pytest.approx(expected_entropy, abs=1e-6)  # x was float32
+    assert float(scores["ensemble_dice"][0]) == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_ensemble_multiclass_target_and_stream():
+    # two "models" returning fixed softmax maps: target 1 where argmax == 1
+    a = torch.tensor([[[0.1, 0.2, 0.7, 0.1]], [[0.8, 0.1, 0.2, 0.3]], [[0.1, 0.7, 0.1, 0.6]]]).permute(1, 0, 2)[None]
+    b = torch.tensor([[[0.1, 0.7, 0.1, 0.1]], [[0.8, 0.2, 0.8, 0.8]], [[0.1, 0.1, 0.1, 0.1]]]).permute(1, 0, 2)[None]
+    a = a.reshape(1, 3, 4)  # class 1 (argmax) at pixels 0 ... -> a: {0}, b: {0, 2, 3}
+    b = b.reshape(1, 3, 4)
+    x = torch.zeros(1, 1, 4)
+    members = [lambda t: a, lambda t: b]
+    # a: argmax per pixel of [[.1,.2,.7,.1],[.8,.1,.2,.3],[.1,.7,.1,.6]] -> 1, 2, 0, 2 -> target 1 at {0};
+    # b: [[.1,.7,.1,.1],[.8,.2,.8,.8],[.1,.1,.1,.1]] -> 1, 0, 1, 1 -> {0, 2, 3}; Dice 2 * 1 / 4
+    torch.testing.assert_close(ensemble_agreement(members, x, target=1), torch.tensor([0.5]))
+    out = stream_ensemble_scores(members, [("i", x[0])], target=1)
+    assert out["image"] == ["i"] and out["ensemble_dice"] == [0.5]
+
+
+def test_ensemble_weights_that_do_not_fit_name_the_argument_and_file():
+    net = torch.nn.Conv2d(1, 1, 1)
+    with pytest.raises(UsageError, match=r"ensemble_weights: wrong\.pt does not fit") as err:
+        ensemble_members(net, [{"weight": torch.ones(2, 1, 1, 1), "bias": torch.zeros(2)}], names=["wrong.pt"])
+    assert err.value.argument == "ensemble_weights" and "weight (2, 1, 1, 1) vs (1, 1, 1, 1)" in str(err.value)
+    with pytest.raises(UsageError, match="keys missing: bias"):
+        ensemble_members(net, [{"weight": torch.ones(1, 1, 1, 1)}], names=["half.pt"])
+    with pytest.raises(UsageError, match="at least one"):
+        ensemble_members(net, [])
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble_agreement([lambda t: t], torch.rand(1, 1, 4))
+
+
+def test_forward_passes():
+    assert [forward_passes(m) for m in ("entropy", "max_prob_foreground", "boundary_confidence")] == [1, 1, 1]
+    assert forward_passes("tta_flip", spatial_dims=3) == 4 and forward_passes("mc_dropout", n_mc=8) == 8
+    assert forward_passes("ensemble_dice", n_members=3) == 3
+    with pytest.raises(ValueError, match="n_members"):
+        forward_passes("ensemble_dice")

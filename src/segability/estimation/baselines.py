@@ -17,14 +17,16 @@ its largest class probability (``max(p, 1 - p)`` for one channel).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from segability.core.functional import EmptyRule, dice_from_counts
+from segability.errors import UsageError
 
 __all__ = [
     "mean_entropy",
@@ -33,6 +35,10 @@ __all__ = [
     "tta_flip_agreement",
     "mc_dropout_agreement",
     "pairwise_dice",
+    "ensemble_agreement",
+    "ensemble_scores",
+    "ensemble_members",
+    "forward_passes",
     "DROPOUT_TYPES",
 ]
 
@@ -374,3 +380,200 @@ def mc_dropout_agreement(
         for m, flag in flags.items():
             m.training = flag
     return pairwise_dice(masks, empty=empty)
+
+
+# ------------------------------------------------------------------------ deep ensemble
+def ensemble_members(
+    model: torch.nn.Module, state_dicts: Sequence[Mapping[str, torch.Tensor]], *, names: Sequence[str] | None = None
+) -> list[torch.nn.Module]:
+    """The deployed ``model`` and one copy of its architecture per state dict: a deep ensemble.
+
+    Member 0 is ``model`` itself (the deployed model, whose outputs are ranked); each further member
+    is a deep copy of it with one of ``state_dicts`` loaded strictly, in eval mode.
+
+    Args:
+        model: the deployed network.
+        state_dicts: the weights of the other members (same architecture).
+        names: what each state dict is called in messages (its file); default ``member 1``, ...
+
+    Returns:
+        ``[model, member 1, ...]``.
+
+    Raises:
+        UsageError: (argument ``ensemble_weights``) no state dict, or one that does not fit the
+            architecture (its name and the mismatching keys in the message).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Conv2d(1, 1, 1)
+        >>> other = {"weight": torch.ones(1, 1, 1, 1), "bias": torch.zeros(1)}
+        >>> [float(m.weight.sum()) for m in ensemble_members(net, [other])][1]
+        1.0
+    """
+    if not state_dicts:
+        raise UsageError("ensemble_weights: give at least one other member's weights", argument="ensemble_weights")
+    labels = list(names) if names is not None else [f"member {i}" for i in range(1, len(state_dicts) + 1)]
+    if len(labels) != len(state_dicts):
+        raise ValueError(f"names: {len(labels)} names for {len(state_dicts)} state dicts")
+    own = model.state_dict()
+    members = [model]
+    for state, label in zip(state_dicts, labels, strict=True):
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
+        if missing or unexpected or wrong:
+            parts = [f"{len(v)} {what}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}"
+                     for v, what in ((missing, "keys missing"), (unexpected, "unexpected keys"), (wrong, "other shapes")) if v]  # fmt: skip
+            raise UsageError(
+                f"ensemble_weights: {label} does not fit the architecture of the model ({'; '.join(parts)}); "
+                "every member must be the same network as --model with its own weights",
+                argument="ensemble_weights",
+            )
+        member = copy.deepcopy(model)
+        member.load_state_dict(state, strict=True)
+        members.append(member.eval())
+    return members
+
+
+@torch.no_grad()
+def _member_probabilities(
+    members: Sequence[Predict], images: torch.Tensor, target: int | None
+) -> list[torch.Tensor]:
+    _validate_images(images)
+    if isinstance(members, torch.nn.Module) or not isinstance(members, Sequence) or len(members) < 2:
+        got = len(members) if isinstance(members, Sequence) else type(members).__name__
+        raise ValueError(f"members must be a sequence of at least two predict functions (the ensemble), got {got}")
+    probs = []
+    for i, member in enumerate(members):
+        out = member(images)
+        if not isinstance(out, torch.Tensor) or out.ndim != images.ndim or out.shape[0] != images.shape[0] \
+                or out.shape[2:] != images.shape[2:]:
+            got = _shape(out) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"members[{i}] must return probabilities (B, K, *spatial) matching images {_shape(images)}, got {got}")
+        if probs and out.shape != probs[0].shape:
+            raise ValueError(f"members[{i}] returns {_shape(out)}, members[0] {_shape(probs[0])}: one architecture expected")
+        _validate_prob(out, target, f"members[{i}](images)")
+        probs.append(_compute(out))
+    return probs
+
+
+def ensemble_agreement(
+    members: Sequence[Predict],
+    images: torch.Tensor,
+    *,
+    target: int | None = None,
+    threshold: float = 0.5,
+    empty: EmptyRule = "one",
+) -> torch.Tensor:
+    """Deep-ensemble agreement: the mean Dice over all pairs of the members' binarised predictions.
+
+    Zenk et al. (MedIA 2025) rank a model's outputs by this score; it was the strongest method of
+    their failure-detection benchmark. Cost: one forward pass per member (the deployed model's pass
+    is the prediction itself, so ``len(members) - 1`` extra).
+
+    Args:
+        members: images (B, C, *S) -> probabilities (B, K, *S), one per ensemble member (at least
+            two), e.g. ``[lambda x, m=m: m(x).sigmoid() for m in ensemble_members(net, states)]``.
+        images: (B, C, *S) batch on the members' device.
+        target: class of interest for K-channel outputs.
+        threshold: foreground threshold for one-channel outputs.
+        empty: Dice of two empty predictions (``"one"``: they agree).
+
+    Returns:
+        (B,) agreement in [0, 1], higher = better expected quality.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[[0.9, 0.8, 0.1, 0.2]]])
+        >>> ensemble_agreement([lambda t: t, lambda t: t.roll(1, -1)], x)  # {0, 1} vs {1, 2}
+        tensor([0.5000])
+    """
+    return ensemble_scores(members, images, target=target, threshold=threshold, empty=empty)["ensemble_dice"]
+
+
+def ensemble_scores(
+    members: Sequence[Predict],
+    images: torch.Tensor,
+    *,
+    target: int | None = None,
+    threshold: float = 0.5,
+    empty: EmptyRule = "one",
+) -> dict[str, torch.Tensor]:
+    """Both deep-ensemble scores from one forward pass per member.
+
+    - ``ensemble_dice``: :func:`ensemble_agreement` (mean pairwise Dice of the binarised predictions);
+    - ``ensemble_entropy``: :func:`mean_entropy` of the members' mean probability map (minus the
+      mean pixel entropy of the ensemble prediction: its uncertainty, disagreement included).
+
+    Args:
+        members, images, target, threshold, empty: as in :func:`ensemble_agreement`.
+
+    Returns:
+        ``{"ensemble_dice": (B,), "ensemble_entropy": (B,)}``, higher = better expected quality.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[[1.0, 0.0]]])
+        >>> s = ensemble_scores([lambda t: t, lambda t: 1 - t], x)  # disagree everywhere; mean 0.5
+        >>> float(s["ensemble_dice"]), round(float(s["ensemble_entropy"]), 4)
+        (0.0, -0.6931)
+    """
+    probs = _member_probabilities(members, images, target)
+    masks = [_foreground(p, target, threshold) for p in probs]
+    mean = torch.stack(probs).mean(0)
+    return {"ensemble_dice": pairwise_dice(masks, empty=empty), "ensemble_entropy": mean_entropy(mean, target=target)}
+
+
+def forward_passes(method: str, *, spatial_dims: int = 2, n_mc: int = 8, n_members: int | None = None) -> int:
+    """Forward passes one image costs for a baseline score (its cost as a multiple of one pass).
+
+    The deployed model's own pass counts as one: single-pass scores cost 1, the flips 1 + one per
+    spatial axis, MC dropout ``n_mc`` (its passes replace the deterministic one only for scoring),
+    an ensemble one per member.
+
+    Example:
+        >>> forward_passes("tta_flip"), forward_passes("ensemble_dice", n_members=5)
+        (3, 5)
+    """
+    if method in ("entropy", "mean_entropy", "max_prob_foreground", "boundary_confidence"):
+        return 1
+    if method == "tta_flip":
+        return 1 + int(spatial_dims)
+    if method == "mc_dropout":
+        return int(n_mc)
+    if method in ("ensemble_dice", "ensemble_entropy"):
+        if n_members is None or n_members < 2:
+            raise ValueError(f"n_members must be the ensemble's size (>= 2) for {method!r}, got {n_members!r}")
+        return int(n_members)
+    raise ValueError(f"method: unknown baseline {method!r}")
+
+
+def stream_ensemble_scores(
+    members: Sequence[Predict],
+    items: Iterable[tuple[str, torch.Tensor]],
+    *,
+    target: int | None = None,
+    threshold: float = 0.5,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """:func:`ensemble_scores` over ``(image id, image (C, *S))`` pairs, one image at a time.
+
+    Returns:
+        ``{"image": [...], "ensemble_dice": [...], "ensemble_entropy": [...]}`` (plain lists, for a table).
+
+    Example:
+        >>> import torch
+        >>> out = stream_ensemble_scores([lambda t: t, lambda t: t], [("a", torch.rand(1, 4, 4))])
+        >>> out["image"], out["ensemble_dice"]
+        (['a'], [1.0])
+    """
+    cols: dict[str, list[float]] = {"image": [], "ensemble_dice": [], "ensemble_entropy": []}
+    for image_id, image in items:
+        scores = ensemble_scores(members, image[None], target=target, threshold=threshold)
+        cols["image"].append(str(image_id))
+        for k, v in scores.items():
+            cols[k].append(float(v[0]))
+        if progress is not None:
+            progress(1)
+    return cols
