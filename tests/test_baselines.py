@@ -287,3 +287,33 @@ def test_forward_passes():
     assert forward_passes("ensemble_dice", n_members=3) == 3
     with pytest.raises(ValueError, match="n_members"):
         forward_passes("ensemble_dice")
+
+
+def test_evaluate_qc_ensemble_weights(tmp_path):
+    """``evaluate-qc --ensemble-weights``: a member with the model's own weights agrees fully (Dice 1 on
+    every image); a file of another architecture is a usage error naming the flag and the file."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from data_factories import make_png_folder, write_model_file
+    from segability.cli.app import app
+    from segability.io import load_model
+
+    images, labels = make_png_folder(tmp_path, n=8, size=24, corrupt=False, orphan=False)
+    spec = f"{write_model_file(tmp_path)}:tiny_net"
+    same = tmp_path / "same.pt"
+    torch.save(load_model(spec).state_dict(), same)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.nn.Conv2d(1, 3, 1).state_dict(), wrong)
+    run = CliRunner().invoke
+    base = ["evaluate-qc", "--model", spec, "--images", str(images), "--labels", str(labels), "--seeds", "0", "--no-progress"]
+    res = run(app, [*base, "--out", str(tmp_path / "e"), "--ensemble-weights", str(same), "--ensemble-weights", str(same)])
+    assert res.exit_code == 0, res.output
+    scores = pd.read_csv(tmp_path / "e" / "qc_scores.csv")
+    assert scores["ensemble_dice"].tolist() == [1.0] * 8
+    # the ensemble's mean probability is the model's own: its entropy is the entropy baseline
+    np.testing.assert_allclose(scores["ensemble_entropy"], scores["entropy"], atol=1e-6)
+    assert {"ensemble_dice", "ensemble_entropy"} <= set(pd.read_csv(tmp_path / "e" / "qc_comparison.csv")["method"])
+    res = run(app, [*base, "--out", str(tmp_path / "w"), "--ensemble-weights", str(wrong)])
+    assert res.exit_code == 2
+    assert "--ensemble-weights" in res.output and "wrong.pt" in res.output

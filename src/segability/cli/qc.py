@@ -489,6 +489,10 @@ def evaluate_qc_command(
     demo: bool = typer.Option(False, "--demo", help="The shipped reference model on the demo's clean test set and shifted suite (no --model/--images)."),
     n_shift: int = typer.Option(24, "--n-shift", help="With --demo: source slices of the shifted suite."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="With --demo: data cache."),
+    ensemble_weights: list[Path] | None = typer.Option(
+        None, "--ensemble-weights", help="Weights of another member of a deep ensemble: the same architecture as the "
+        "model, other weights (repeat the flag). Adds ensemble_dice (mean pairwise Dice of the members' predictions; "
+        "the model is member 0, its outputs are the ones ranked) and ensemble_entropy to the comparison."),
 ) -> None:
     """Measure the SA-based quality estimators and the baselines side by side on labelled images.
 
@@ -508,12 +512,14 @@ def evaluate_qc_command(
     n_failed = 0
     try:
         if demo:
-            ev, groups, n_images = _evaluate_demo(files, run, seed_list, threshold, n_shift, cache_dir, progress=not no_progress)
+            ev, groups, n_images = _evaluate_demo(files, run, seed_list, threshold, n_shift, cache_dir, progress=not no_progress,
+                                                  ensemble_weights=ensemble_weights or [])  # fmt: skip
             out.mkdir(parents=True, exist_ok=True)
         else:
             analysis = _analysis(files, run=run, out=out, resume=resume, force=force, progress=not no_progress, need_labels=True)
             out.mkdir(parents=True, exist_ok=True)
-            ev = _evaluate_files(analysis, files, seed_list, threshold, progress=not no_progress)
+            ev = _evaluate_files(analysis, files, seed_list, threshold, progress=not no_progress,
+                                 ensemble_weights=ensemble_weights or [])  # fmt: skip
             groups, n_images = None, len(analysis.result.images)
             n_failed = _report_failures(err, analysis)
     except (UsageError, FileExistsError) as exc:
@@ -534,7 +540,36 @@ def evaluate_qc_command(
     exit_with(0 if n_failed == 0 else EXIT_FAILED)
 
 
-def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int], threshold: float, *, progress: bool) -> Any:
+def _ensemble(net: Any, weights: list[Path], trust_pickle: bool) -> list[Any]:
+    """The deployed model and one copy per ``--ensemble-weights`` file (``UsageError`` naming the file)."""
+    from segability.estimation.baselines import ensemble_members
+    from segability.io.models import load_state_dict
+
+    states = [load_state_dict(w, trust_pickle=trust_pickle, argument="ensemble_weights") for w in weights]
+    return ensemble_members(net, states, names=[str(w) for w in weights])
+
+
+def _ensemble_scores(members: list[Any], items: Any, settings: dict[str, Any], output_key: str | None, n: int,
+                     *, progress: bool) -> Any:  # fmt: skip
+    """``ensemble_dice`` / ``ensemble_entropy`` per image (one forward pass per member)."""
+    import pandas as pd
+
+    from segability.analysis import model_probabilities
+    from segability.capture import eval_mode
+    from segability.estimation.baselines import stream_ensemble_scores
+    from segability.progress import progress_bar
+
+    tgt = settings.get("target")
+    predicts = [lambda x, m=m: model_probabilities(m(x), settings.get("output") or "auto", 1 if tgt is None else tgt, output_key)[0]
+                for m in members]  # fmt: skip
+    with progress_bar(progress, n, "ensemble") as advance, contextlib.ExitStack() as stack:
+        for m in members:
+            stack.enter_context(eval_mode(m))
+        return pd.DataFrame(stream_ensemble_scores(predicts, items, progress=advance))
+
+
+def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int], threshold: float, *, progress: bool,
+                    ensemble_weights: list[Path]) -> Any:  # fmt: skip
     """The comparison on a file run: baselines streamed over the run's files, one image at a time."""
     import torch
 
@@ -545,9 +580,13 @@ def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int
     result, settings = analysis.result, analysis.result.settings
     preprocess = _run_preprocess(analysis, "the baselines")
     device = files.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = analysis.model().to(device)
+    net = analysis.model()
+    members = [m.to(device) for m in _ensemble(net, ensemble_weights, files.trust_pickle)] if ensemble_weights else []
+    net = net.to(device)
     output_key = settings.get("output_key")
     if settings.get("roi_size"):
+        members = [windowed(m, settings["roi_size"], overlap=float(settings.get("overlap") or 0.25),
+                            sw_batch_size=int(settings.get("sw_batch_size") or 1), output_key=output_key) for m in members]  # fmt: skip
         net = windowed(net, settings["roi_size"], overlap=float(settings.get("overlap") or 0.25),
                        sw_batch_size=int(settings.get("sw_batch_size") or 1), output_key=output_key)  # fmt: skip
         output_key = None
@@ -556,12 +595,15 @@ def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int
     with progress_bar(progress, len(rows), "baselines") as advance:
         base = stream_baseline_scores(net, items, output=settings.get("output") or "auto", target=settings.get("target"),
                                       output_key=output_key, device=device, progress=advance)  # fmt: skip
+    if members:
+        items = ((image, load_item(file, None, preprocess)[0].to(device).float()) for image, file in rows)
+        base = base.merge(_ensemble_scores(members, items, settings, output_key, len(rows), progress=progress), on="image")
     with _judged():
         return compare_qc(result, base, seeds=seeds, threshold=threshold)
 
 
 def _evaluate_demo(files: opt.FileOptions, run: Path | None, seeds: list[int], threshold: float, n_shift: int,
-                   cache_dir: Path | None, *, progress: bool) -> tuple[Any, Any, int]:  # fmt: skip
+                   cache_dir: Path | None, *, progress: bool, ensemble_weights: list[Path]) -> tuple[Any, Any, int]:  # fmt: skip
     """The comparison on the demo's in-memory data (no files)."""
     import pandas as pd
     import torch
@@ -581,6 +623,21 @@ def _evaluate_demo(files: opt.FileOptions, run: Path | None, seeds: list[int], t
     sources = [i.split("|")[0] for i in ids]
     groups = pd.DataFrame({"image": ids, "group": ["clean"] * len(clean) + list(suite.meta["shift"].astype(str)),
                            "severity": [0.0] * len(clean) + list(suite.meta["severity"].astype(float))})  # fmt: skip
+    if ensemble_weights:  # the comparison of evaluate_qc, with the ensemble's scores among the baselines
+        from segability.analysis import analyze
+        from segability.estimation.qc import baseline_scores, compare_qc
+
+        members = _ensemble(net, ensemble_weights, files.trust_pickle)
+        with progress_bar(progress, len(xs)) as advance:
+            result = analyze(net, xs, ys, ids=ids, batch_size=16, device=files.device, progress=advance)
+        base = baseline_scores(net, xs, ids=ids, device=files.device)
+        dev = next(net.parameters()).device
+        members = [m.to(dev) for m in members]
+        items = zip(ids, (x.to(dev) for x in xs), strict=True)
+        base = base.merge(_ensemble_scores(members, items, {}, None, len(ids), progress=progress), on="image")
+        with _judged():
+            ev = compare_qc(result, base, sources=dict(zip(ids, sources, strict=True)), seeds=seeds, threshold=threshold)
+        return ev, groups, len(ids)
     with progress_bar(progress, len(xs)) as advance, _judged():
         ev = evaluate_qc(net, xs, ys, ids=ids, sources=sources, seeds=seeds, threshold=threshold, device=files.device,
                          progress=advance)  # fmt: skip
