@@ -20,6 +20,7 @@ from segability.cli.options import FileOptions, file_options
 from segability.errors import UsageError, as_usage_error
 
 # The stage of a failed image (errors.csv), in words.
+EXPORT_CASES = 20  # images whose maps --export-maps keeps when --keep-maps is not given
 STAGES = {"read": "reading failed", "model": "the model failed", "analysis": "analysis failed",
           "not_run": "not analysed"}  # fmt: skip
 
@@ -35,6 +36,11 @@ def analyze_command(
     units: bool = typer.Option(False, "--units", help="Also score every unit (channel) of every layer."),
     guide: str = typer.Option("prediction", "--guide", help="Prototypes from the network's 'prediction' (label-free) or the 'label'."),
     keep_maps: int = typer.Option(0, "--keep-maps", help="Keep the feature segmentation maps of the first N images (for the report)."),
+    export_maps: str = typer.Option("none", "--export-maps", help="nifti: also write the kept maps in each input's own space, "
+                                    "OUT/maps/<case>/*.nii.gz (prediction, probability, one map per layer, units/ for best units), "
+                                    "resampled back from the preprocessing onto the input file's grid with its affine, to open as "
+                                    f"overlays in 3D Slicer or ITK-SNAP. Keeps the first {EXPORT_CASES} images' maps unless "
+                                    "--keep-maps N says how many."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip images already done, retry failed ones."),
     force: bool = typer.Option(False, "--force", help="Delete the results of an earlier run in --out first."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
@@ -58,6 +64,7 @@ def analyze_command(
             if getattr(files, name) is None:
                 raise UsageError(f"{name} is required: give the {name} to analyse", argument=name)
         kwargs = files.analyze_files_kwargs()
+        keep_maps = _export_keep(export_maps, keep_maps, out, resume or force, err)
         summary = analyze_files(
             kwargs.pop("model"), kwargs.pop("images"), kwargs.pop("labels"), out=out, units=units, guide=guide,
             keep_maps=keep_maps, resume=resume, force=force, report=not no_report, progress=not no_progress, **kwargs,
@@ -87,8 +94,51 @@ def analyze_command(
         console.print(f"Report: {literal(summary.paths['report'])}", highlight=False)
     elif summary.report_error:
         err.print(f"[yellow]note:[/yellow] the report was not built: {literal(usage_message(summary.report_error))}", highlight=False)
-    if summary.n_failed:
+    exported = _export(export_maps, out, kwargs["preprocess"], force, resume, console, err, debug)
+    if summary.n_failed or not exported:
         exit_with(EXIT_FAILED)
+
+
+def _export_keep(export_maps: str, keep_maps: int, out: Path, replace: bool, err: Any) -> int:
+    """``--keep-maps`` as ``--export-maps`` needs it; earlier exports in ``out/maps`` need --force / --resume."""
+    from segability.io.export import EXPORT_FORMATS, INDEX_FILE
+
+    if export_maps not in EXPORT_FORMATS:
+        raise UsageError(f"export_maps must be one of {', '.join(EXPORT_FORMATS)}, got {export_maps!r}", argument="export_maps")
+    if export_maps == "none":
+        return keep_maps
+    earlier = sorted((out / "maps").glob(f"*/{INDEX_FILE}")) if (out / "maps").is_dir() else []
+    if earlier and not replace:
+        raise FileExistsError(f"out: {out / 'maps'} holds maps of an earlier export ({earlier[0].parent.name}, ...); pass "
+                              "force=True to replace them")  # fmt: skip
+    if keep_maps == 0:
+        err.print(f"[yellow]note:[/yellow] --export-maps keeps the maps of the first {EXPORT_CASES} images (--keep-maps N for another number)",
+                  highlight=False)  # fmt: skip
+        return EXPORT_CASES
+    return keep_maps
+
+
+def _export(export_maps: str, out: Path, preprocess: Any, force: bool, resume: bool, console: Any, err: Any, debug: bool) -> bool:
+    """Write the kept maps in each input's own space; False when some image could not be exported."""
+    if export_maps == "none":
+        return True
+    from segability.io.export import clear_exports, export_run
+
+    try:
+        if force:
+            clear_exports(out / "maps")
+        done = export_run(out, preprocess=preprocess, overwrite=force or resume)
+    except FileExistsError as exc:
+        fail(err, usage_message(exc, argument="out"))
+    except Exception as exc:  # the analysis is written; an export that fails is a failure of the run
+        unexpected(err, exc, debug)
+    if done.unknown_geometry:
+        err.print(f"[yellow]note:[/yellow] {len(done.unknown_geometry)} image(s) come from files without a geometry (PNG, NumPy): "
+                  "their maps have an identity affine", highlight=False)  # fmt: skip
+    for image, why in list(done.skipped.items())[:10]:
+        err.print(f"[red]not exported:[/red] {literal(image)}: {literal(why)}", highlight=False)
+    console.print(f"Maps of {len(done.folders)} image(s) in their own space: {literal(out / 'maps')}", highlight=False)
+    return not done.skipped
 
 
 def unexpected(err: Any, exc: Exception, debug: bool) -> NoReturn:

@@ -1,7 +1,7 @@
 """The command-line options every file-analysing command shares, in one place.
 
 ``segability calibrate``, ``qc`` and ``evaluate-qc`` (and, later, ``analyze``) take the same flags
-for the model (``--model``, ``--weights``, ``--model-arg``, ``--trust-pickle``), the files
+for the model (``--model``, ``--weights``, ``--model-arg``, ``--trust-pickle``, or ``--bundle``), the files
 (``--images``, ``--labels``, ``--label-suffix``, ``--preprocess``), what to analyse (``--layers``,
 ``--target``, ``--output``, ``--output-key``, ``--mask``), large volumes (``--roi-size``,
 ``--overlap``, ``--sw-batch-size``) and where to run (``--engine``, ``--ray-address``,
@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from segability.cli.console import flag
-from segability.errors import as_usage_error
+from segability.errors import UsageError, as_usage_error
 
 __all__ = ["FileOptions", "SHARED", "ANALYSIS_FIELDS", "file_options", "split_list"]
 
@@ -41,6 +41,9 @@ def _option(kind: Any, *decls: str, help: str) -> Any:  # noqa: A002 - typer's k
 # name -> (annotation with its typer.Option, default). Order = order in --help.
 SHARED: dict[str, tuple[Any, Any]] = {
     "model": (_option(str | None, "--model", help=MODEL_HELP), None),
+    "bundle": (_option(Path | None, "--bundle", help="A MONAI bundle folder instead of --model/--weights: its network_def, "
+                       "models/model.pt, its preprocessing (unless --preprocess) and its sliding-window roi_size (unless "
+                       "--roi-size), from configs/inference.json or .yaml. Its config's $-expressions run: only bundles you trust."), None),
     "weights": (_option(Path | None, "--weights", help="State dict file (torch.save(model.state_dict())), read with "
                         "weights_only=True; a checkpoint with a 'state_dict' or 'model' entry works too."), None),
     "model_arg": (_option(list[str] | None, "--model-arg", help="key=value keyword argument of the factory (repeatable); "
@@ -81,6 +84,7 @@ class FileOptions:
     """The shared options of one command call, as given (strings, as typed on the command line)."""
 
     model: str | None = None
+    bundle: Path | None = None
     weights: Path | None = None
     model_arg: list[str] | None = None
     trust_pickle: bool = False
@@ -122,6 +126,34 @@ class FileOptions:
         with as_usage_error("model_args"):
             return parse_model_args(self.model_arg, argument="model_args")
 
+    def with_bundle(self) -> FileOptions:
+        """With ``--bundle``: the model, its arguments and weights from the MONAI bundle, checked now
+        (network built, weights loaded) so a bad bundle is a usage error before any work starts.
+
+        Raises:
+            UsageError: ``--model``, ``--weights`` or ``--model-arg`` given too, or a bad bundle
+                (argument ``bundle``).
+        """
+        if self.bundle is None:
+            return self
+        from segability.io.bundle import BUNDLE_FACTORY, load_bundle
+
+        clash = [flag(n) for n in ("model", "weights", "model_arg") if getattr(self, n)]
+        if clash:
+            raise UsageError(f"bundle brings the network and its weights: leave out {', '.join(clash)}", argument="bundle")
+        _, info = load_bundle(self.bundle)
+        return dataclasses.replace(self, model=BUNDLE_FACTORY, weights=info.weights,
+                                   model_arg=[f"{k}={v!r}" for k, v in info.model_args().items()])  # fmt: skip
+
+    def bundle_defaults(self) -> dict[str, Any]:
+        """What ``--bundle`` gives where ``--preprocess`` / ``--roi-size`` are not given."""
+        if self.bundle is None:
+            return {}
+        from segability.io.bundle import read_bundle
+
+        info = read_bundle(self.bundle)
+        return {"preprocess": str(info.folder) if info.has_preprocessing else None, "roi_size": info.roi_size}
+
     def roi(self) -> tuple[int, ...] | None:
         """``--roi-size`` parsed.
 
@@ -142,11 +174,13 @@ class FileOptions:
         Raises:
             UsageError: a malformed ``model_args`` or ``roi_size``.
         """
+        bundle = self.bundle_defaults()
         return {
             "model": self.model, "images": self.images, "labels": self.labels, "weights": self.weights,
             "model_args": self.model_args(), "trust_pickle": self.trust_pickle, "layers": self.layer_list(),
             "output": self.output, "target": self.target, "mask": self.mask, "output_key": self.output_key,
-            "preprocess": self.preprocess, "label_suffix": self.label_suffix, "roi_size": self.roi(),
+            "preprocess": self.preprocess or bundle.get("preprocess"), "label_suffix": self.label_suffix,
+            "roi_size": self.roi() or bundle.get("roi_size"),
             "overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "engine": self.engine,
             "ray_address": self.ray_address, "workers": self.workers, "gpus_per_worker": self.gpus_per_worker,
             "device": self.device,
@@ -190,7 +224,7 @@ def file_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
-        files = FileOptions(**{name: kwargs.pop(name) for name in SHARED})
+        files = FileOptions(**{name: kwargs.pop(name) for name in SHARED}).with_bundle()
         return command(files=files, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]

@@ -58,6 +58,7 @@ __all__ = [
     "export_maps",
     "export_run",
     "exported_files",
+    "clear_exports",
     "case_names",
     "safe_name",
 ]
@@ -323,6 +324,23 @@ def exported_files(case_folder: str | os.PathLike) -> list[Path]:
         if folder.resolve() in p.parents:  # never outside the case folder, whatever the index says
             out.append(p)
     return [*out, index]
+
+
+def clear_exports(out_dir: str | os.PathLike) -> int:
+    """Delete what earlier exports wrote under ``out_dir`` (the files each case's ``maps.json`` lists,
+    then the folders left empty); nothing else. Returns the number of files deleted."""
+    out, n = Path(out_dir), 0
+    if not out.is_dir():
+        return 0
+    for index in sorted(out.glob(f"*/{INDEX_FILE}")):
+        for path in exported_files(index.parent):
+            if path.is_file():
+                path.unlink()
+                n += 1
+        for folder in (index.parent / "units", index.parent):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return n
 
 
 def _plan(entry: Mapping[str, Any]) -> list[tuple[str, np.ndarray, int, dict[str, Any]]]:

@@ -132,7 +132,8 @@ def load_preprocess(
     argument: str = "--preprocess",
 ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
     """The preprocessing named by ``spec``: None; a config mapping; a ``.json`` / ``.yaml`` / ``.yml``
-    file with that config; a callable; or ``file.py:fn`` / ``package.module:fn``.
+    file with that config; a callable; ``file.py:fn`` / ``package.module:fn``; or a MONAI bundle
+    folder (its ``preprocessing``, see :class:`~segability.io.bundle.BundlePreprocess`).
 
     A callable takes ``{"image": MetaTensor (C, *S), "label": MetaTensor (when paired)}`` and
     returns the same kind of dict (a MONAI ``Compose`` of dictionary transforms fits).
@@ -152,6 +153,10 @@ def load_preprocess(
         return spec
     text = os.fspath(spec)
     lower = text.lower()
+    from segability.io.bundle import bundle_preprocess, is_bundle
+
+    if is_bundle(text):  # a MONAI bundle folder: its own preprocessing (segability.io.bundle)
+        return bundle_preprocess(text, argument=argument)
     if lower.endswith((".json", ".yaml", ".yml")):
         path = Path(text).expanduser()
         if not path.is_file():
