@@ -76,6 +76,8 @@ def analyze(
     guide: GuideKind = "prediction",
     output: OutputKind = "auto",
     target: int | None = None,
+    classes: Sequence[int] | str | None = None,
+    class_names: dict[int, str] | None = None,
     mask: Any = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
@@ -123,7 +125,9 @@ def analyze(
             an iterable matching ``images``; None for label-free analysis.
         layers, reshape, batch_size, memory_budget, low_memory: see :class:`Capture`.
         units, guide, mask, empty, keep_maps, chunk_size: see :class:`Scoring`.
-        output, target, output_key: see :class:`Readout`.
+        output, target, classes, class_names, output_key: see :class:`Readout`. With
+            ``classes`` every class listed (or "all") is scored in the one pass, one-vs-rest, and
+            the tables get ``class`` and ``class_name`` columns (one row per image, class, layer).
         device: where to run; default the model's device.
         ids: image ids for tensor / iterable inputs (default: the index); must be unique.
         metadata: extra per-image columns (must have an ``image`` column) joined to ``images``.
@@ -147,7 +151,8 @@ def analyze(
         ['image', 'layer', 'depth', 'channels', 'shape', 'sa', 'sa_pred', 'status', 'reason']
     """
     config = AnalysisConfig(
-        readout=Readout(output=output, target=target, output_key=output_key),
+        readout=Readout(output=output, target=target, output_key=output_key,
+                        classes=classes, class_names=class_names),
         scoring=Scoring(guide=guide, units=units, mask=mask, empty=empty, keep_maps=keep_maps, chunk_size=chunk_size),
         capture=Capture(layers=layers, reshape=reshape, batch_size=batch_size, memory_budget=memory_budget, low_memory=low_memory),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,21 +62,68 @@ class Readout:
         target: the target class: the channel of a K-channel output or one-hot label, and the
             label value of a multi-class label map; None means 1 (and 0/1 labels for a one-channel model).
         output_key: the entry of a dict output.
+        classes: score several classes in one pass (one-vs-rest prototypes from each class's
+            probability): class indices, or "all" (every foreground class: 1..K-1 of a softmax,
+            every channel of a multi-label sigmoid). The tables then get ``class`` and
+            ``class_name`` columns. None (default): the one ``target``, tables as for a binary task.
+        class_names: names of the classes by index, for the ``class_name`` column.
     """
 
     output: OutputKind = "auto"
     target: int | None = None
     output_key: str | None = None
+    classes: tuple[int, ...] | Literal["all"] | None = None
+    class_names: Mapping[int, str] | None = None
 
     def __post_init__(self) -> None:
         _choice(self.output, OUTPUT_KINDS, "output")
         _int(self.target, "target", low=0, none=True)
         if self.output_key is not None and not isinstance(self.output_key, str):
             raise UsageError(f"output_key must be a string or None, got {self.output_key!r}", argument="output_key")
+        if self.classes is not None and self.classes != "all":
+            if isinstance(self.classes, (str, bytes)) or not isinstance(self.classes, Sequence) or not self.classes:
+                raise UsageError(f'classes must be "all", None or a non-empty list of class indices, got {self.classes!r}', argument="classes")
+            for c in self.classes:
+                _int(c, "classes", low=0)
+            if len(set(self.classes)) != len(self.classes):
+                raise UsageError(f"classes must not repeat a class, got {list(self.classes)}", argument="classes")
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        if self.classes is not None and self.target is not None:
+            raise UsageError("give target (one class) or classes (several), not both", argument="classes")
+        if self.class_names is not None:
+            if not isinstance(self.class_names, Mapping) or not all(
+                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and isinstance(v, str) for k, v in self.class_names.items()
+            ):
+                raise UsageError(f"class_names must map class indices to names, got {self.class_names!r}", argument="class_names")
+            object.__setattr__(self, "class_names", {int(k): v for k, v in self.class_names.items()})
 
     @property
     def target_index(self) -> int:
         return 1 if self.target is None else int(self.target)
+
+    @property
+    def multi(self) -> bool:
+        """Several classes scored at once (tables with a ``class`` column)."""
+        return self.classes is not None
+
+    def resolve_classes(self, k: int, kind: str) -> tuple[int, ...]:
+        """The classes to score for a ``k``-channel output read as ``kind`` ("sigmoid", "softmax",
+        "probabilities"); a class outside the output is an error naming ``classes``."""
+        if self.classes is None:
+            return (self.target_index,)
+        if self.classes == "all":
+            if k == 1:
+                return (1,)
+            return tuple(range(k)) if kind == "sigmoid" else tuple(range(1, k))
+        bad = [c for c in self.classes if (k > 1 and c >= k) or (k == 1 and c != 1)]
+        if bad:
+            valid = "1 (the one channel)" if k == 1 else f"0..{k - 1}"
+            raise UsageError(f"classes {bad} are not classes of the {k}-channel output (valid: {valid})", argument="classes")
+        return self.classes
+
+    def class_name(self, c: int) -> str:
+        """The name of class ``c`` (from ``class_names``, else its index)."""
+        return (self.class_names or {}).get(int(c), str(int(c)))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from segability.analysis.features import (
     shape_text,
 )
 from segability.analysis.inputs import Batch, IdBook
-from segability.analysis.readout import label_target, model_probabilities
+from segability.analysis.readout import class_probabilities, label_targets, output_tensor
 from segability.analysis.results import (
     IMAGES,
     INPUT,
@@ -65,21 +65,29 @@ Progress = Callable[[int], None]
 
 @dataclass
 class _Context:
-    """What every layer of one batch is scored against."""
+    """What every layer of one batch is scored against: per class scored, its guide and references."""
 
     ids: list[str]
-    guide: torch.Tensor  # (B, 1, *S)
-    refs: torch.Tensor  # (B, R, *S): [label,] prediction
+    classes: tuple[int, ...]
+    guides: list[torch.Tensor]  # per class (B, 1, *S)
+    refs: list[torch.Tensor]  # per class (B, R, *S): [label,] prediction
     has_label: bool
     mask: torch.Tensor | None
     output_finite: torch.Tensor  # (B,) bool
     spatial: tuple[int, ...]  # the input grid
-    cache: dict = field(default_factory=dict)  # shared by the batch's layers
+    caches: list[dict] = field(default_factory=list)  # per class, shared by the batch's layers
     channels: dict[str, int] = field(default_factory=dict)  # channels of each scored layer's features
+
+    def __post_init__(self) -> None:
+        self.caches = [{} for _ in self.classes]
+
+    @property
+    def guide(self) -> torch.Tensor:
+        return self.guides[0]
 
     @property
     def prediction(self) -> int:
-        return self.refs.shape[1] - 1
+        return self.refs[0].shape[1] - 1
 
 
 @dataclass
@@ -117,8 +125,12 @@ class Engine:
         self.config = config
         self.names = layer_names(model, config.capture.layers)
         self.device, self.dtype = model_device(model, device)
-        s = config.scoring
-        self.metric = SegmentationAbility(units=s.units, empty=s.empty, chunk_size=s.chunk_size)
+        r = config.readout
+        # the classes scored: known now unless classes="all" (then from the first output)
+        self.classes: tuple[int, ...] | None = None if r.classes == "all" else r.resolve_classes(0, "")
+        self.metrics: dict[int, SegmentationAbility] = {}
+        if self.classes is not None:
+            self._make_metrics(self.classes)
         self.depth: dict[str, int] = {INPUT: 0}
         self.order_known = False
         self.book = IdBook()
@@ -131,6 +143,23 @@ class Engine:
         self.reused: set[str] = set()
         self.first_error: Exception | None = None
         self.spatial_dims: int | None = None
+
+    @property
+    def metric(self) -> SegmentationAbility:
+        """The reduction of the (first) class scored; one per class in :attr:`metrics`."""
+        if self.classes is None:
+            raise RuntimeError('classes="all" is resolved on the first batch; no metric before it')
+        return self.metrics[self.classes[0]]
+
+    def _make_metrics(self, classes: tuple[int, ...]) -> None:
+        s = self.config.scoring
+        self.classes = classes
+        self.metrics = {c: SegmentationAbility(units=s.units, empty=s.empty, chunk_size=s.chunk_size) for c in classes}
+
+    def _class_columns(self, c: int) -> dict[str, Any]:
+        """The class columns of a row (none for a single-target run, whose tables stay as they were)."""
+        r = self.config.readout
+        return {"class": c, "class_name": r.class_name(c)} if r.multi else {}
 
     # ---------------------------------------------------------------------------------- run
     def run(self, batches: Iterable[Batch], progress: Progress | None = None) -> None:
@@ -267,7 +296,12 @@ class Engine:
 
     def _context(self, batch: Batch, x: torch.Tensor, out: Any):
         r = self.config.readout
-        prob, pred, k = model_probabilities(out, r.output, r.target_index, r.output_key)
+        if self.classes is None:
+            t = output_tensor(out, r.output_key)
+            kind = r.output if r.output != "auto" else ("sigmoid" if t.shape[1] == 1 else "softmax")
+            self._make_metrics(r.resolve_classes(int(t.shape[1]), kind))
+        classes = self.classes
+        prob, pred, k = class_probabilities(out, r.output, classes, r.output_key)
         spatial = tuple(x.shape[2:])
         label = None
         if batch.labels is not None:
@@ -279,15 +313,17 @@ class Engine:
                 )
             lab = batch.labels.to(device=self.device, dtype=torch.float32)
             lab = lab.unsqueeze(1) if lab.ndim == x.ndim - 1 else lab
-            label = label_target(lab, k, r.target_index, r.target is not None)
+            label = label_targets(lab, k, classes, r.target is not None or r.multi)
         finite = torch.isfinite(prob.flatten(1)).all(dim=1)
         prob = torch.nan_to_num(prob.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
         pred = pred.float() * finite.view(-1, *([1] * (pred.ndim - 1)))
         guide = label if self.config.scoring.guide == "label" else prob
+        each = range(len(classes))
         ctx = _Context(
             ids=batch.ids,
-            guide=guide,
-            refs=pred if label is None else torch.cat([label, pred], dim=1),
+            classes=classes,
+            guides=[guide[:, j : j + 1] for j in each],
+            refs=[pred[:, j : j + 1] if label is None else torch.cat([label[:, j : j + 1], pred[:, j : j + 1]], dim=1) for j in each],
             has_label=label is not None,
             mask=batch_mask(self.config.scoring.mask, batch, self.device, tuple(guide.shape[2:])),
             output_finite=finite,
@@ -306,106 +342,124 @@ class Engine:
 
     def _score(self, name: str, feats: torch.Tensor, ctx: _Context) -> None:
         ctx.channels[name] = int(feats.shape[1])
-        self.metric.update(
-            {name: feats}, ctx.guide, ctx.refs, ctx.mask, ids=ctx.ids, output_finite=ctx.output_finite,
-            prediction=ctx.prediction, validate=False, cache=ctx.cache,
-        )  # fmt: skip
+        for j, c in enumerate(ctx.classes):
+            self.metrics[c].update(
+                {name: feats}, ctx.guides[j], ctx.refs[j], ctx.mask, ids=ctx.ids, output_finite=ctx.output_finite,
+                prediction=ctx.prediction, validate=False, cache=ctx.caches[j],
+            )  # fmt: skip
         if any(i in self.maps for i in ctx.ids):
             self._keep_layer_maps(name, feats, ctx)
 
     def _rows(self, ctx: _Context, shapes: dict[str, str], skipped: dict[str, tuple[Status, str]]) -> None:
-        scores = self.metric.scores()
-        self.metric.reset()
-        for name in [INPUT, *self.names]:
-            if name in scores:
-                self._scored_rows(name, scores[name], ctx, shapes[name])
-            else:
-                status, why = skipped[name]
-                self._skipped_rows(ctx.ids, name, status, why, shapes.get(name, ""))
+        for c in ctx.classes:
+            scores = self.metrics[c].scores()
+            self.metrics[c].reset()
+            for name in [INPUT, *self.names]:
+                if name in scores:
+                    self._scored_rows(name, scores[name], ctx, shapes[name], c)
+                else:
+                    status, why = skipped[name]
+                    self._skipped_rows(ctx.ids, name, status, why, shapes.get(name, ""), c)
 
-    def _scored_rows(self, name: str, s: ImageScores, ctx: _Context, shape: str) -> None:
+    def _scored_rows(self, name: str, s: ImageScores, ctx: _Context, shape: str, c: int) -> None:
         sa = s.sa.detach().double().cpu().numpy()
         n = len(ctx.ids)
         self.layer_rows.add(
-            n, image=ctx.ids, layer=name, depth=self.depth[name], channels=ctx.channels[name], shape=shape,
-            sa=sa[:, 0] if ctx.has_label else np.full(n, math.nan), sa_pred=sa[:, -1],
+            n, image=ctx.ids, **self._class_columns(c), layer=name, depth=self.depth[name], channels=ctx.channels[name],
+            shape=shape, sa=sa[:, 0] if ctx.has_label else np.full(n, math.nan), sa_pred=sa[:, -1],
             status=[st.value for st in s.status], reason=[st.message for st in s.status],
         )  # fmt: skip
         if s.units is not None:
             u = s.units.detach().double().cpu().numpy()  # (B, R, C)
-            c = u.shape[2]
+            k = u.shape[2]
             self.unit_rows.add(
-                n * c, image=np.repeat(np.array(ctx.ids, dtype=object), c), layer=name, unit=np.tile(np.arange(c), n),
-                sa=u[:, 0].reshape(-1) if ctx.has_label else np.full(n * c, math.nan), sa_pred=u[:, -1].reshape(-1),
+                n * k, image=np.repeat(np.array(ctx.ids, dtype=object), k), **self._class_columns(c), layer=name,
+                unit=np.tile(np.arange(k), n), sa=u[:, 0].reshape(-1) if ctx.has_label else np.full(n * k, math.nan),
+                sa_pred=u[:, -1].reshape(-1),
             )  # fmt: skip
 
-    def _skipped_rows(self, ids: list[str], name: str, status: Status, why: str, shape: str = "") -> None:
+    def _skipped_rows(self, ids: list[str], name: str, status: Status, why: str, shape: str, c: int) -> None:
         n = len(ids)
         self.layer_rows.add(
-            n, image=ids, layer=name, depth=self.depth.get(name, 0), channels=0, shape=shape,
+            n, image=ids, **self._class_columns(c), layer=name, depth=self.depth.get(name, 0), channels=0, shape=shape,
             sa=np.full(n, math.nan), sa_pred=np.full(n, math.nan), status=status.value, reason=why,
         )  # fmt: skip
 
     def _image_rows(self, ctx: _Context, label: torch.Tensor | None, pred: torch.Tensor) -> list[dict[str, Any]]:
         n = len(ctx.ids)
-        if label is None:
-            dice = [math.nan] * n
-        else:
-            p, lab = pred.flatten(1).double(), label.flatten(1).double()
-            dice = dice_from_counts((p * lab).sum(1), p.sum(1), lab.sum(1), self.config.scoring.empty).cpu().tolist()
         finite = ctx.output_finite.cpu().tolist()
-        empty_pred = (pred.flatten(1).sum(1) == 0).cpu().tolist()
         rows = []
-        for i, image in enumerate(ctx.ids):
-            status = Status.OK if finite[i] else Status.OUTPUT_NOT_FINITE
-            if finite[i] and empty_pred[i]:
-                status = Status.EMPTY_PREDICTION
-            rows.append({"image": image, "dice": dice[i] if finite[i] else math.nan, "status": status.value, "reason": status.message})
+        for j, c in enumerate(ctx.classes):
+            pj = pred[:, j : j + 1]
+            if label is None:
+                dice = [math.nan] * n
+            else:
+                p, lab = pj.flatten(1).double(), label[:, j].flatten(1).double()
+                dice = dice_from_counts((p * lab).sum(1), p.sum(1), lab.sum(1), self.config.scoring.empty).cpu().tolist()
+            empty_pred = (pj.flatten(1).sum(1) == 0).cpu().tolist()
+            for i, image in enumerate(ctx.ids):
+                status = Status.OK if finite[i] else Status.OUTPUT_NOT_FINITE
+                if finite[i] and empty_pred[i]:
+                    status = Status.EMPTY_PREDICTION
+                rows.append({"image": image, **self._class_columns(c), "dice": dice[i] if finite[i] else math.nan,
+                             "status": status.value, "reason": status.message})  # fmt: skip
         return rows
 
     def _fail(self, ids: list[str], what: str, exc: Exception) -> None:
         self.first_error = self.first_error or exc
-        why = f"{what}: {type(exc).__name__}: {exc}".replace("\n", " ")
+        why = f"{what}: {type(exc).__name__}: {exc}{_hint(exc)}".replace("\n", " ")
         detail = "".join(traceback.format_exception(exc))
+        classes = self.classes if self.classes is not None else (-1,)  # classes="all" before any output
         for image in ids:
             self.failed.append((image, detail))
-            self.image_rows.append({"image": image, "dice": math.nan, "status": Status.FAILED.value, "reason": why})
-            for name in (INPUT, *self.names):
-                self._skipped_rows([image], name, Status.FAILED, why)
+            for c in classes:
+                self.image_rows.append({"image": image, **self._class_columns(c), "dice": math.nan,
+                                        "status": Status.FAILED.value, "reason": why})  # fmt: skip
+                for name in (INPUT, *self.names):
+                    self._skipped_rows([image], name, Status.FAILED, why, "", c)
 
     # -------------------------------------------------------------------------------- maps
     def _start_maps(self, ctx: _Context, images: torch.Tensor, label: torch.Tensor | None, prob: torch.Tensor) -> None:
         for i, image in enumerate(ctx.ids):
             if len(self.maps) < self.config.scoring.keep_maps:
-                self.maps[image] = {
-                    "image": images[i].float().cpu().numpy(),
-                    "label": None if label is None else label[i, 0].to(torch.uint8).cpu().numpy(),
-                    "prediction": prob[i, 0].float().cpu().numpy(),
-                    "layers": {},
-                    "units": {},
+                per_class = {
+                    c: {
+                        "label": None if label is None else label[i, j].to(torch.uint8).cpu().numpy(),
+                        "prediction": prob[i, j].float().cpu().numpy(),
+                        "layers": {},
+                        "units": {},
+                    }
+                    for j, c in enumerate(ctx.classes)
                 }
+                # the first class at the top level (a binary run's layout); every class under "classes"
+                self.maps[image] = {"image": images[i].float().cpu().numpy(), **per_class[ctx.classes[0]]}
+                if self.config.readout.multi:
+                    self.maps[image]["classes"] = per_class
 
     def _keep_layer_maps(self, layer: str, feats: torch.Tensor, ctx: _Context) -> None:
         kept = [i for i, image in enumerate(ctx.ids) if image in self.maps]
         idx = torch.tensor(kept, device=feats.device)
         dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-        f, g = feats[idx].to(dtype), ctx.guide[idx].to(dtype)
+        f = feats[idx].to(dtype)
         m = None if ctx.mask is None else ctx.mask[idx].to(dtype)
-        protos = prototypes_from_weights(f, class_weights(g, m))
-        logits = class_logits(f, protos, tuple(g.shape[2:]))
-        seg = (logits[:, 1] > logits[:, 0]).to(torch.uint8).cpu().numpy()
-        units = self.metric.scores([layer])[layer].units if self.config.scoring.units else None
-        for j, i in enumerate(kept):
-            entry = self.maps[ctx.ids[i]]
-            entry["layers"][layer] = seg[j]
-            if units is None or not bool(torch.isfinite(protos[j]).all()):
-                continue
-            scores = units[i, 0 if ctx.has_label else -1].cpu().numpy()  # this batch's images only
-            order = [int(u) for u in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")[:BEST_UNITS_KEPT]]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UndefinedPrototypeWarning)
-                maps = protoseg_units(f[j : j + 1, order], g[j : j + 1], None if m is None else m[j : j + 1])
-            entry["units"][layer] = {u: maps[0, n].to(torch.uint8).cpu().numpy() for n, u in enumerate(order)}
+        for ci, c in enumerate(ctx.classes):
+            g = ctx.guides[ci][idx].to(dtype)
+            protos = prototypes_from_weights(f, class_weights(g, m))
+            logits = class_logits(f, protos, tuple(g.shape[2:]))
+            seg = (logits[:, 1] > logits[:, 0]).to(torch.uint8).cpu().numpy()
+            units = self.metrics[c].scores([layer])[layer].units if self.config.scoring.units else None
+            for j, i in enumerate(kept):
+                entry = self.maps[ctx.ids[i]]
+                entry = entry["classes"][c] if "classes" in entry else entry
+                entry["layers"][layer] = seg[j]
+                if units is None or not bool(torch.isfinite(protos[j]).all()):
+                    continue
+                scores = units[i, 0 if ctx.has_label else -1].cpu().numpy()  # this batch's images only
+                order = [int(u) for u in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")[:BEST_UNITS_KEPT]]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UndefinedPrototypeWarning)
+                    maps = protoseg_units(f[j : j + 1, order], g[j : j + 1], None if m is None else m[j : j + 1])
+                entry["units"][layer] = {u: maps[0, n].to(torch.uint8).cpu().numpy() for n, u in enumerate(order)}
 
     # ------------------------------------------------------------------------------ result
     def result(self, *, metadata: pd.DataFrame | None = None, settings: dict[str, Any] | None = None) -> SAResult:
@@ -430,10 +484,12 @@ class Engine:
         position = {image: i for i, image in enumerate(self.image_order)}
         layers_df = self.layer_rows.frame() if self.layer_rows else empty_table(LAYERS)
         layers_df = typed(layers_df.assign(depth=layers_df["layer"].map(self.depth).fillna(0)), LAYERS)
-        layers_df = _in_order(layers_df, position, ["depth"])
-        images_df = pd.DataFrame(self.image_rows, columns=["image", "dice", "status", "reason"])
-        images_df = images_df.join(layer_means(layers_df), on="image")
-        images_df = _in_order(typed(images_df, IMAGES), position, [])
+        by_class = ["class"] if self.config.readout.multi else []
+        layers_df = _in_order(layers_df, position, [*by_class, "depth"])
+        columns = ["image", *(["class", "class_name"] if by_class else []), "dice", "status", "reason"]
+        images_df = pd.DataFrame(self.image_rows, columns=columns)
+        images_df = images_df.join(layer_means(layers_df), on=["image", *by_class])
+        images_df = _in_order(typed(images_df, IMAGES), position, by_class)
         if metadata is not None:
             if "image" not in metadata.columns:
                 raise UsageError("metadata must have an 'image' column with the image ids", argument="metadata")
@@ -444,7 +500,7 @@ class Engine:
             units_df = self.unit_rows.frame() if self.unit_rows else empty_table(UNITS)
             units_df = typed(units_df, UNITS)
             depth = units_df["layer"].map(self.depth)
-            units_df = _in_order(units_df.assign(_depth=depth), position, ["_depth", "unit"]).drop(columns="_depth")
+            units_df = _in_order(units_df.assign(_depth=depth), position, [*by_class, "_depth", "unit"]).drop(columns="_depth")
         from segability import __version__
 
         all_settings = {
@@ -481,6 +537,15 @@ class _Rows:
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({name: np.concatenate(blocks) for name, blocks in self._columns.items()})
+
+
+def _hint(exc: Exception) -> str:
+    """What to do about a model error whose cause is the input's size (in parentheses), or ""."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(w in text for w in ("Sizes of tensors must match", "Expected size", "size mismatch", "shape")):
+        return (" (hint: the input's size may not suit the network: a U-Net needs sizes divisible by its total stride, "
+                "and a 3D volume it cannot take whole needs sliding windows: --roi-size / roi_size)")  # fmt: skip
+    return ""
 
 
 def _in_order(df: pd.DataFrame, position: dict[str, int], by: list[str]) -> pd.DataFrame:

@@ -60,7 +60,8 @@ class Column:
 
     A ``key`` column identifies a row and must be present; a table from an outside script (or an
     older version) that lacks another column is read with that column filled (NaN, ``""``, 0,
-    False) by :func:`read_table` with ``fill=True``.
+    False) by :func:`read_table` with ``fill=True``. An ``optional`` column is written only by
+    some runs (never filled in); when present it is checked like the others.
     """
 
     name: str
@@ -68,6 +69,7 @@ class Column:
     nullable: bool = False
     doc: str = ""
     key: bool = False
+    optional: bool = False  # present only in some runs (the class columns of a multi-class run)
 
     @property
     def default(self) -> Any:
@@ -91,11 +93,16 @@ class Schema:
 _STATUS = Column("status", "string", doc="why a score is undefined: ok, output_not_finite, features_not_finite, "
                  "undefined_prototypes, empty_prediction, not_features, not_called, failed")  # fmt: skip
 _REASON = Column("reason", "string", doc="the status in words (empty when ok), with detail such as an error message")
+_CLASS = Column("class", "int64", doc="the class scored (multi-class runs only: one row per class)", key=True, optional=True)
+_CLASS_NAME = Column("class_name", "string", doc="the class's name (multi-class runs only)", optional=True)
+CLASS_KEYS = ("class", "class_name")
 
 LAYERS = Schema(
     "layers.parquet",
     (
         Column("image", "string", doc="image id", key=True),
+        _CLASS,
+        _CLASS_NAME,
         Column("layer", "string", doc=f"layer name; {INPUT!r} is the input image", key=True),
         Column("depth", "int64", doc=f"forward order; {INPUT!r} = 0", key=True),
         Column("channels", "int64", doc="channels of the features (0 when not scored)"),
@@ -111,6 +118,8 @@ IMAGES = Schema(
     "images.parquet",
     (
         Column("image", "string", key=True),
+        _CLASS,
+        _CLASS_NAME,
         Column("dice", "float64", True, "the network output against the label"),
         Column("mean_sa", "float64", True, "mean of sa over the hidden layers with a defined sa"),
         Column("mean_sa_pred", "float64", True, "mean of sa_pred over the hidden layers with a defined sa_pred"),
@@ -126,6 +135,8 @@ UNITS = Schema(
     "units.parquet",
     (
         Column("image", "string", key=True),
+        _CLASS,
+        _CLASS_NAME,
         Column("layer", "string", key=True),
         Column("unit", "int64", key=True),
         Column("sa", "float64", True),
@@ -186,7 +197,7 @@ def typed(df: pd.DataFrame, schema: Schema, *, fill: bool = False) -> pd.DataFra
     and with ``fill`` every missing non-key column added with its default."""
     df = df.copy()
     for c in schema.columns:
-        if c.name not in df.columns and (c.nullable or (fill and not c.key)):
+        if c.name not in df.columns and not c.optional and (c.nullable or (fill and not c.key)):
             df[c.name] = c.default
         if c.name not in df.columns:
             continue
@@ -209,7 +220,7 @@ def typed(df: pd.DataFrame, schema: Schema, *, fill: bool = False) -> pd.DataFra
 def validate_table(df: pd.DataFrame, schema: Schema, *, source: str = "") -> None:
     """Raise ``ValueError`` unless ``df`` has the schema's columns, dtypes and nullability."""
     where = f" in {source}" if source else ""
-    missing = [c for c in schema.names if c not in df.columns]
+    missing = [c.name for c in schema.columns if c.name not in df.columns and not c.optional]
     if missing:
         raise ValueError(f"{schema.file}{where} lacks the column(s) {missing}; it has {list(df.columns)}")
     if not schema.extra:
@@ -217,6 +228,8 @@ def validate_table(df: pd.DataFrame, schema: Schema, *, source: str = "") -> Non
         if extra:
             raise ValueError(f"{schema.file}{where} has unknown column(s) {extra}")
     for c in schema.columns:
+        if c.name not in df.columns:
+            continue
         values = df[c.name]
         if c.dtype == "string":
             ok = pd.api.types.infer_dtype(values, skipna=False) in ("string", "empty")
@@ -303,11 +316,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def layer_means(layers: pd.DataFrame) -> pd.DataFrame:
     """Per image: ``mean_sa`` and ``mean_sa_pred`` over the hidden layers (``input`` excluded),
     skipping undefined (NaN) scores; ``input_sa`` and ``input_sa_pred``. The one definition of
-    these names, used by the analysis and the estimation alike."""
+    these names, used by the analysis and the estimation alike. A multi-class table gives them
+    per image and class (indexed by both)."""
+    keys = ["image", "class"] if "class" in layers.columns else ["image"]
     hidden = layers[layers["layer"] != INPUT]
-    means = hidden.groupby("image", sort=False)[["sa", "sa_pred"]].mean()  # pandas' mean skips NaN
+    means = hidden.groupby(keys, sort=False)[["sa", "sa_pred"]].mean()  # pandas' mean skips NaN
     means.columns = ["mean_sa", "mean_sa_pred"]
-    inputs = layers[layers["layer"] == INPUT].set_index("image")[["sa", "sa_pred"]]
+    inputs = layers[layers["layer"] == INPUT].set_index(keys)[["sa", "sa_pred"]]
     inputs.columns = ["input_sa", "input_sa_pred"]
     return means.join(inputs, how="outer")
 

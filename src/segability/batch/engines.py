@@ -74,10 +74,11 @@ class Worker:
         except Exception as exc:  # a file that cannot be read is recorded, the run goes on
             return _failure(item, "read", exc)
         try:
+            keep = item.index < self.task.config.scoring.keep_maps
             if self.task.config.windows is not None:
-                result = WindowRun(self.model, self.task.config, device=self.task.device).run(image, label, item.image_id)
+                config = self.with_maps if keep else self.without_maps
+                result = WindowRun(self.model, config, device=self.task.device).run(image, label, item.image_id)
             else:
-                keep = item.index < self.task.config.scoring.keep_maps
                 engine = Engine(self.model, self.with_maps if keep else self.without_maps, device=self.task.device)
                 engine.run(batches([image], None if label is None else [label], [item.image_id], self.task.config.scoring.mask, 1))
                 if engine.failed:  # the engine records a failing forward pass instead of raising
