@@ -79,7 +79,15 @@ def run(*args):
 
 
 def test_bundle_gives_the_sa_table_of_the_network_and_preprocessing_by_hand(data, tmp_path):
-    from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityd, Spacingd
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityd,
+        Spacingd,
+    )
 
     import segability
 
@@ -180,3 +188,25 @@ def test_weights_as_plain_state_dict(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), reference.state_dict().values(), strict=True))
     assert info.model_args()["bundle"] == str(folder.resolve())
     shutil.rmtree(folder)
+
+
+def test_exported_maps_match_monai_inverting_the_bundle_preprocessing(data, tmp_path):
+    """``--bundle`` with ``--export-maps``: the probability on the input's grid is what MONAI's own
+    ``Compose.inverse`` makes of the kept map (Spacing and Orientation undone), everywhere."""
+    from monai.data import MetaTensor
+
+    result = run("analyze", "--bundle", data["bundle"], "--images", data["root"] / "images", "--out", tmp_path / "run",
+                 "--layers", LAYERS, "--keep-maps", "1", "--export-maps", "nifti", "--no-report", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    source = nib.load(data["root"] / "images" / "vol0.nii.gz")
+    case = tmp_path / "run" / "maps" / "vol0"
+    for name in ("probability", "prediction", *LAYERS.split(",")):
+        img = nib.load(case / f"{name}.nii.gz")
+        np.testing.assert_array_equal(img.affine, source.affine)
+        assert img.shape == source.shape
+    pre = load_preprocess(str(data["bundle"])).transforms()
+    x = pre({"image": str(data["root"] / "images" / "vol0.nii.gz")})["image"]
+    kept = np.load(tmp_path / "run" / "maps.npz")["0:prediction"]
+    assert kept.shape == tuple(x.shape[1:])
+    back = pre.inverse({"image": MetaTensor(torch.as_tensor(kept)[None], meta=x.meta, applied_operations=x.applied_operations)})
+    np.testing.assert_allclose(np.asarray(nib.load(case / "probability.nii.gz").dataobj), back["image"][0].numpy(), atol=1e-5)

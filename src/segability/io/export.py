@@ -142,7 +142,8 @@ def resample_grid(
 
     Each destination voxel ``j`` takes the value at source coordinates
     ``inv(src_affine) @ dst_affine @ j`` (voxel centres at integer coordinates, as in NIfTI and
-    MONAI): ``order`` 0 is nearest neighbour, 1 linear; voxels outside the source are 0.
+    MONAI): ``order`` 0 is nearest neighbour, 1 linear. A voxel less than one source voxel beyond
+    the source grid takes the value at its edge; one farther out is 0.
 
     Args:
         array: ``(*S)`` values on the source grid.
@@ -167,8 +168,10 @@ def resample_grid(
     m = _snap(np.linalg.solve(src, dst))
     if np.allclose(m, np.eye(n + 1)) and tuple(arr.shape) == tuple(dst_shape):
         return arr.copy()
-    values = arr.astype(np.float32 if order else arr.dtype, copy=False)
-    out = affine_transform(values, m[:n, :n], offset=m[:n, n], output_shape=tuple(int(s) for s in dst_shape),
+    # One edge voxel of padding: a point less than a voxel beyond the analysed grid (its extent
+    # rounded to whole voxels by a resampling) takes the edge value; farther out (cropped away) is 0.
+    values = np.pad(arr.astype(np.float32 if order else arr.dtype, copy=False), 1, mode="edge")
+    out = affine_transform(values, m[:n, :n], offset=m[:n, n] + 1.0, output_shape=tuple(int(s) for s in dst_shape),
                            order=order, mode="constant", cval=0.0, prefilter=False)  # fmt: skip
     return out.astype(arr.dtype if order == 0 else np.float32, copy=False)
 
