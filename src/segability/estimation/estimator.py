@@ -116,6 +116,8 @@ class QualityEstimator:
             (the calibration median).
         coef, intercept, ridge_alpha: the ridge model on standardised features (kind ``ridge``).
         radius: conformal half-width at miscoverage ``alpha``.
+        post_map: knots ``[x, y]`` of an isotonic map from the model's raw estimate to Dice, fitted
+            on its out-of-fold estimates (``post_calibration="isotonic"``); empty for none.
         ood_location, ood_precision, ood_threshold: Mahalanobis statistics of the calibration
             profiles and the distance beyond which an image is out of range.
         evidence: feature groups for the flag reason (``input`` and ``model`` columns) with their
@@ -145,6 +147,7 @@ class QualityEstimator:
     cv: dict[str, dict[str, float]] = field(default_factory=dict)
     n: int = 0
     n_groups: int = 0
+    post_map: list[list[float]] = field(default_factory=list)  # isotonic knots [x, y] on the raw estimate; [] = none
     trees: Any = None  # the HistGradientBoostingRegressor when kind == "trees" (not in the JSON)
 
     # ------------------------------------------------------------------------- fitting
@@ -161,6 +164,7 @@ class QualityEstimator:
         n_folds: int = 5,
         seed: int = 0,
         select_groups: Sequence[Any] | None = None,
+        post_calibration: Literal["none", "isotonic"] = "none",
     ) -> QualityEstimator:
         """Fit on calibration profiles (clean and shifted images) and their true Dice.
 
@@ -176,6 +180,10 @@ class QualityEstimator:
             select_groups: groups of the cross-validation that chooses the model and gives the
                 conformal residuals, when they should differ from ``groups`` -- e.g. the shift
                 family, so that the choice rewards what carries over to an unseen kind of shift.
+            post_calibration: ``"isotonic"`` maps the chosen model's estimate through an isotonic
+                regression of Dice on its out-of-fold estimates (a monotone correction of the
+                model's bias, e.g. a ridge model's shrinkage towards the mean); the conformal
+                residuals then come from that map cross-fitted over the same folds.
 
         Raises:
             UsageError: mismatched lengths, fewer than two groups, or no finite Dice.
@@ -234,7 +242,13 @@ class QualityEstimator:
             intercept, ridge_alpha = float(model.intercept_), float(model.alpha_)
         else:
             trees = _TreesOnColumns(model, cols)
-        radius = conformal_radius(np.abs(oof[choice] - y), alpha)
+        post_map: list[list[float]] = []
+        residual = np.abs(oof[choice] - y)
+        if post_calibration == "isotonic":
+            post_map, residual = _isotonic_post_map(oof[choice], y, folds)
+        elif post_calibration != "none":
+            raise UsageError(f'post_calibration must be "none" or "isotonic", got {post_calibration!r}', argument="post_calibration")
+        radius = conformal_radius(residual, alpha)
 
         # out of range: Mahalanobis distance; the threshold from out-of-fold distances, since a
         # calibration row is always nearer a covariance fitted on itself
@@ -260,7 +274,7 @@ class QualityEstimator:
             coef=coef.tolist(), intercept=intercept, ridge_alpha=ridge_alpha, radius=float(radius), alpha=float(alpha),
             ood_location=lw.location_.tolist(), ood_precision=lw.precision_.tolist(), ood_threshold=threshold,
             evidence=evidence, model_hash=str(model_hash), version=_package_version(), choice=choice, cv=cv,
-            n=int(len(y)), n_groups=int(len(np.unique(groups))), trees=trees,
+            n=int(len(y)), n_groups=int(len(np.unique(groups))), post_map=post_map, trees=trees,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ applying
@@ -289,9 +303,10 @@ class QualityEstimator:
         if self.kind == "trees" and self.trees is None:
             raise UsageError("this estimator's tree model was not loaded (load(..., trust_trees=True))", argument="trees")
         raw = self.trees.predict(z) if self.kind == "trees" else z @ np.asarray(self.coef) + self.intercept
+        mapped = np.interp(raw, self.post_map[0], self.post_map[1]) if self.post_map else raw
         distance = _mahalanobis(z, np.asarray(self.ood_location), np.asarray(self.ood_precision))
         out = distance > self.ood_threshold
-        est = np.where(out, raw, np.clip(raw, 0.0, 1.0))  # out of range: reported as computed, not clipped
+        est = np.where(out, raw, np.clip(mapped, 0.0, 1.0))  # out of range: reported as computed, not clipped
         lower = np.where(out, 0.0, np.clip(est - self.radius, 0.0, 1.0))
         upper = np.where(out, 1.0, np.clip(est + self.radius, 0.0, 1.0))
         ids = profile["image"].astype(str).to_numpy() if "image" in profile else np.arange(len(profile)).astype(str)
@@ -440,6 +455,20 @@ class _TreesOnColumns:
 
     def predict(self, z: np.ndarray) -> np.ndarray:
         return self.model.predict(z[:, self.cols])
+
+
+def _isotonic_post_map(oof: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[list[float]], np.ndarray]:
+    """Isotonic knots of Dice on the out-of-fold estimates, and the residuals of that map cross-fitted."""
+    from sklearn.isotonic import IsotonicRegression
+
+    def fit(x: np.ndarray, t: np.ndarray) -> IsotonicRegression:
+        return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, t)
+
+    residual = np.empty(len(y))
+    for tr, te in folds:
+        residual[te] = np.abs(fit(oof[tr], y[tr]).predict(oof[te]) - y[te])
+    iso = fit(oof, y)
+    return [iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist()], residual
 
 
 def _make(kind: str, seed: int) -> Any:
