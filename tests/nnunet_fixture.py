@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 DATASET = "Dataset901_SegabilityTiny"
 TRAINER = "nnUNetTrainer"
 CONFIGURATION = "3d_fullres"
 FOLDER = f"{TRAINER}__nnUNetPlans__{CONFIGURATION}"
 SIZE = 32
+TEST_SHAPE = (44, 32, 32)  # test cases larger than the patch: nnU-Net predicts them in several tiles
 N_TRAIN, N_TEST = 6, 2
 ITERATIONS = 8  # training iterations per fold
 FOLDS = (0, 1)
@@ -60,8 +61,8 @@ def _tissue() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return t1 / max(float(t1.max()), 1e-6), gm / 255.0, wm / 255.0, affine
 
 
-def _cases(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``n`` cases ``(image (2, S, S, S) float32, label (S, S, S) uint8, affine)``."""
+def _cases(n: int, seed: int, shape: tuple[int, int, int] = (SIZE,) * 3) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``n`` cases ``(image (2, *shape) float32, label (*shape) uint8, affine)``."""
     t1, gm, wm, affine = _tissue()
     rng = np.random.default_rng(seed)
     brain = (gm + wm) > 0.5
@@ -69,12 +70,12 @@ def _cases(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     centre = np.array(t1.shape) // 2
     out = []
     for _ in range(n):
-        start = centre - SIZE // 2 + rng.integers(-12, 13, size=3)
-        start = np.clip(start, 0, np.array(t1.shape) - SIZE)
-        sl = tuple(slice(int(s), int(s) + SIZE) for s in start)
+        start = centre - np.array(shape) // 2 + rng.integers(-12, 13, size=3)
+        start = np.clip(start, 0, np.array(t1.shape) - np.array(shape))
+        sl = tuple(slice(int(s), int(s) + n) for s, n in zip(start, shape, strict=True))
         gain = rng.uniform(0.8, 1.2)
-        a = t1[sl] * gain + rng.normal(0, 0.03, (SIZE,) * 3)
-        b = np.where(brain[sl], 1.0 - t1[sl], 0.0) * rng.uniform(0.8, 1.2) + rng.normal(0, 0.03, (SIZE,) * 3)
+        a = t1[sl] * gain + rng.normal(0, 0.03, shape)
+        b = np.where(brain[sl], 1.0 - t1[sl], 0.0) * rng.uniform(0.8, 1.2) + rng.normal(0, 0.03, shape)
         shift = np.eye(4)
         shift[:3, 3] = start
         out.append((np.stack([a, b]).astype(np.float32), label[sl], affine @ shift))
@@ -98,7 +99,7 @@ def _write_raw(raw: Path) -> None:
     folder = raw / DATASET
     for i, (image, label, affine) in enumerate(_cases(N_TRAIN, seed=1)):
         write_case(folder / "imagesTr", f"tiny_{i:03d}", image, affine, label, folder / "labelsTr")
-    for i, (image, label, affine) in enumerate(_cases(N_TEST, seed=2)):
+    for i, (image, label, affine) in enumerate(_cases(N_TEST, seed=2, shape=TEST_SHAPE)):
         write_case(folder / "imagesTs", f"test_{i:03d}", image, affine, label, folder / "labelsTs")
     dataset = {"channel_names": CHANNELS, "labels": LABELS, "numTraining": N_TRAIN, "file_ending": ".nii.gz",
                "name": "SegabilityTiny"}  # fmt: skip

@@ -57,6 +57,9 @@ def analyze_command(
 
     err = Console(stderr=True, soft_wrap=True)
     console = Console(soft_wrap=True)
+    if files.nnunet is not None:
+        return _analyze_nnunet(files, out, err, console, units=units, guide=guide, keep_maps=keep_maps, resume=resume,
+                               force=force, report=not no_report, progress=not no_progress, debug=debug)  # fmt: skip
     try:
         from segability.batch import analyze_files
 
@@ -141,6 +144,55 @@ def _export(export_maps: str, out: Path, preprocess: Any, force: bool, resume: b
     return not done.skipped
 
 
+def run_nnunet(files: FileOptions, out: Path, *, progress: bool, **kwargs: Any) -> tuple[Any, Any]:
+    """``segability.integrations.nnunet.analyze_nnunet`` for the ``--nnunet`` options, with a progress bar.
+
+    Raises:
+        UsageError: a bad option, folder or file (see :func:`segability.cli.options.nnunet_kwargs`).
+    """
+    from segability.cli.options import nnunet_kwargs
+    from segability.integrations.nnunet import analyze_nnunet, find_cases, load_nnunet
+    from segability.progress import progress_bar
+
+    args = nnunet_kwargs(files)
+    model = load_nnunet(args["folder"], args["folds"], args["checkpoint"], device=args["device"] or "cpu")
+    n = len(find_cases(args["images"], args["labels"], model.channels, model.file_ending))
+    for name in ("folder", "folds", "checkpoint", "device"):
+        args.pop(name)
+    with progress_bar(progress, n, "analysing (nnU-Net)", failures=True) as advance:
+        return analyze_nnunet(model, **args, out=out, progress=advance, **kwargs)
+
+
+def _analyze_nnunet(files: FileOptions, out: Path, err: Any, console: Any, *, resume: bool, report: bool, debug: bool,
+                    **kwargs: Any) -> None:  # fmt: skip
+    """``segability analyze --nnunet``: the run, its summary, the report; exit 1 when a case failed."""
+    try:
+        if resume:
+            raise UsageError("--resume is not available with --nnunet (the run takes one pass); use --force", argument="resume")
+        result, errors = run_nnunet(files, out, **kwargs)
+    except UsageError as exc:
+        fail(err, usage_message(exc))
+    except FileExistsError as exc:
+        fail(err, usage_message(exc, argument="out"))
+    except Exception as exc:
+        unexpected(err, exc, debug)
+    for row in errors.head(10).itertuples(index=False):
+        err.print(f"[red]failed:[/red] {literal(row.file)}: {literal(row.error)}", highlight=False)
+    n_ok = int(result.images["image"].nunique()) if len(result.images) else 0
+    console.print(f"{n_ok} of {n_ok + len(errors)} cases analysed, {len(errors)} failed. Results: {literal(out)}; "
+                  f"nnU-Net's segmentations: {literal(out / 'predictions')}", highlight=False)  # fmt: skip
+    if report and n_ok:
+        from segability.batch.run import _report
+
+        paths, report_error = _report(out, {})
+        if "report" in paths:
+            console.print(f"Report: {literal(paths['report'])}", highlight=False)
+        elif report_error:
+            err.print(f"[yellow]note:[/yellow] the report was not built: {literal(report_error)}", highlight=False)
+    if len(errors):
+        exit_with(EXIT_FAILED)
+
+
 def unexpected(err: Any, exc: Exception, debug: bool) -> NoReturn:
     """Exit 1 on an error that is no usage error: one line, or with ``--debug`` the traceback."""
     if debug:
@@ -155,7 +207,10 @@ def unexpected(err: Any, exc: Exception, debug: bool) -> NoReturn:
 
 @app.command("layers")
 def layers_command(
-    model: str = typer.Option(..., "--model", help="Model factory: path/to/file.py:factory or package.module:factory."),
+    model: str | None = typer.Option(None, "--model", help="Model factory: path/to/file.py:factory or package.module:factory."),
+    nnunet: Path | None = typer.Option(None, "--nnunet", help="nnU-Net v2 results folder instead of --model: its network's layers."),
+    fold: list[str] | None = typer.Option(None, "--fold", help="nnU-Net fold whose weights to load (default: the first present)."),
+    checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="nnU-Net checkpoint file in the fold folder."),
     weights: Path | None = typer.Option(None, "--weights", help="State dict file (read with weights_only=True)."),
     model_arg: list[str] | None = typer.Option(None, "--model-arg", help="key=value keyword argument of the factory (repeatable)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling whole models (only for files you trust)."),
@@ -174,10 +229,20 @@ def layers_command(
         from segability import list_layers
         from segability.io import load_model, parse_model_args, parse_shape
 
-        with as_usage_error("model_args"):
-            args = parse_model_args(model_arg, argument="model_args")
-        with as_usage_error("model"):
-            net = load_model(model, weights, trust_pickle=trust_pickle, device=device, model_args=args)
+        if (model is None) == (nnunet is None):
+            raise UsageError("give --model or --nnunet (one of them)", argument="model")
+        if nnunet is not None:
+            from segability.cli.options import split_list
+            from segability.integrations.nnunet import default_layers, load_nnunet
+
+            net = load_nnunet(nnunet, (split_list(fold) or None), checkpoint, device=device).network
+            if example_shape is None:  # the stages segability scores by default, first
+                err.print(f"default layers (every encoder and decoder stage): {', '.join(default_layers(net))}", highlight=False)
+        else:
+            with as_usage_error("model_args"):
+                args = parse_model_args(model_arg, argument="model_args")
+            with as_usage_error("model"):
+                net = load_model(model, weights, trust_pickle=trust_pickle, device=device, model_args=args)
         with as_usage_error("example_shape"):
             example = None if example_shape is None else torch.zeros(parse_shape(example_shape, argument="example_shape"), device=device)
         try:

@@ -72,11 +72,17 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "workers": (_option(int | None, "--workers", help="Ray actors (default: every CPU, or every GPU / --gpus-per-worker)."), None),
     "gpus_per_worker": (_option(float, "--gpus-per-worker", help="GPUs per Ray actor; > 0 runs the actors on CUDA."), 0.0),
     "device": (_option(str | None, "--device", help="Device (default cuda when available, else cpu)."), None),
+    "nnunet": (_option(Path | None, "--nnunet", help="nnU-Net v2 results folder (<Trainer>__<Plans>__<configuration>) instead "
+                       "of --model: nnU-Net's own preprocessing, sliding window and folds; --images is an nnU-Net raw "
+                       "folder (CASE_0000.nii.gz, ...). Needs nnunetv2 (see README)."), None),
+    "fold": (_option(list[str] | None, "--fold", help="nnU-Net folds (repeatable; 'all' is the fold_all model); default "
+                     "every fold holding --checkpoint, as nnU-Net does."), None),
+    "checkpoint": (_option(str, "--checkpoint", help="nnU-Net checkpoint file in each fold folder."), "checkpoint_final.pth"),
 }  # fmt: skip
 
 # What the analysis computes (as opposed to how and where it runs): fixed by a finished run.
 ANALYSIS_FIELDS = ("images", "labels", "label_suffix", "layers", "preprocess", "target", "output", "output_key", "mask",
-                   "roi_size", "overlap")  # fmt: skip
+                   "roi_size", "overlap", "nnunet", "fold", "checkpoint")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class FileOptions:
     workers: int | None = None
     gpus_per_worker: float = 0.0
     device: str | None = None
+    nnunet: Path | None = None
+    fold: list[str] | None = None
+    checkpoint: str = "checkpoint_final.pth"
 
     def given(self, names: tuple[str, ...] = ANALYSIS_FIELDS) -> list[str]:
         """The flags among ``names`` whose value differs from the default."""
@@ -185,6 +194,29 @@ class FileOptions:
             "ray_address": self.ray_address, "workers": self.workers, "gpus_per_worker": self.gpus_per_worker,
             "device": self.device,
         }  # fmt: skip
+
+
+def nnunet_kwargs(files: FileOptions) -> dict[str, Any]:
+    """The arguments of :func:`segability.integrations.nnunet.analyze_nnunet` (``folder``, ``images``,
+    ``labels``, ``folds``, ``checkpoint``, ``device``, ``layers``, ``target``) that ``--nnunet`` options give.
+
+    Raises:
+        UsageError: ``--model`` with ``--nnunet``, no ``--images``, or a flag that nnU-Net's own
+            pipeline replaces (preprocessing, windows, output reading, Ray).
+    """
+    if files.model is not None:
+        raise UsageError("give --model or --nnunet, not both", argument="nnunet")
+    if files.images is None:
+        raise UsageError("images is required: give the nnU-Net raw folder of the cases (imagesTs)", argument="images")
+    replaced = files.given(("weights", "model_arg", "trust_pickle", "label_suffix", "preprocess", "output", "output_key",
+                            "mask", "roi_size", "overlap", "sw_batch_size", "engine", "ray_address", "workers",
+                            "gpus_per_worker"))  # fmt: skip
+    if replaced:
+        raise UsageError(f"--nnunet runs nnU-Net's own preprocessing, sliding window and output in this process: "
+                         f"leave out {', '.join(replaced)}", argument="nnunet")  # fmt: skip
+    return {"folder": files.nnunet, "images": files.images, "labels": files.labels, "folds": split_list(files.fold) or None,
+            "checkpoint": files.checkpoint, "device": files.device, "layers": split_list(files.layers) or None,
+            "target": files.target}  # fmt: skip
 
 
 def split_list(values: list[str] | None) -> list[str]:

@@ -23,6 +23,8 @@ nnunetv2 is an optional dependency: installing it with its own requirements repl
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -126,7 +128,7 @@ class NnUNetModel:
         """Foreground label value -> name, from ``dataset.json`` ``labels`` (background and ignore excluded)."""
         lm = self.predictor.label_manager
         names = {int(v): str(k) for k, v in self.dataset_json["labels"].items() if isinstance(v, int)}
-        return {c: names.get(c, str(c)) for c in lm.foreground_labels if c != lm.ignore_label}
+        return {int(c): names.get(int(c), str(int(c))) for c in lm.foreground_labels if c != lm.ignore_label}
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -352,9 +354,10 @@ def load_nnunet(
     params = [c["network_weights"] for c in checkpoints]
     network.load_state_dict(params[0])
     dev = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints that the CPU cannot keep everything on the device
+        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+                                    perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
+                                    verbose_preprocessing=False, allow_tqdm=False)  # fmt: skip
     predictor.manual_initialization(network, plans_manager, configuration_manager, params, dataset_json, trainer,
                                     checkpoints[0].get("inference_allowed_mirroring_axes"))  # fmt: skip
     network.to(dev).eval()
@@ -440,6 +443,7 @@ def analyze_case(
     *,
     layers: Sequence[str] | str | None = None,
     classes: Sequence[int] | None = None,
+    target: int | None = None,
     guide: str = "prediction",
     units: bool = False,
     keep_maps: bool = False,
@@ -459,7 +463,10 @@ def analyze_case(
         model: from :func:`load_nnunet`.
         case: from :func:`find_cases`.
         layers: layer names or patterns; None: :func:`default_layers` (every encoder and decoder stage).
-        classes: label values to score; None: every foreground label of ``dataset.json``.
+        classes: label values to score; None: every foreground label of ``dataset.json``. The
+            tables get ``class`` and ``class_name`` columns.
+        target: score this one label value instead, with the tables of a binary task (no class
+            columns; what the quality gate reads).
         guide, units, keep_maps, empty, memory_budget: as in :func:`segability.analyze`.
 
     Returns:
@@ -473,12 +480,17 @@ def analyze_case(
     logits = model.predict_logits(pre.data)
     names = default_layers(model.network) if layers is None or layers == "auto" else layers
     known = model.classes
-    chosen = tuple(known) if classes is None else tuple(int(c) for c in classes)
+    if target is not None and classes is not None:
+        raise UsageError("give target (one class) or classes (several), not both", argument="classes")
+    chosen = tuple(known) if classes is None and target is None else tuple(int(c) for c in classes or [target])
     bad = [c for c in chosen if c not in known]
     if bad:
-        raise UsageError(f"classes: {bad} are not foreground labels of dataset.json (labels: {known})", argument="classes")
+        raise UsageError(f"{'target' if target is not None else 'classes'}: {bad} are not foreground labels of "
+                         f"dataset.json (labels: {known})", argument="target" if target is not None else "classes")  # fmt: skip
+    readout = (Readout(output="softmax", target=int(target)) if target is not None else
+               Readout(output="softmax", classes=chosen, class_names={c: known[c] for c in chosen}))  # fmt: skip
     config = AnalysisConfig(
-        readout=Readout(output="softmax", classes=chosen, class_names={c: known[c] for c in chosen}),
+        readout=readout,
         scoring=Scoring(guide=guide, units=units, empty=empty, keep_maps=int(keep_maps)),  # type: ignore[arg-type]
         capture=Capture(layers=names, memory_budget=memory_budget),
         windows=Windows(roi_size=model.patch_size, overlap=min(max(1.0 - model.predictor.tile_step_size, 0.0), 0.99)),
@@ -547,16 +559,17 @@ def _nnunet_settings(model: NnUNetModel) -> dict[str, Any]:
 
 
 def analyze_nnunet(
-    folder: str | Path,
+    folder: str | Path | NnUNetModel,
     images: str | Path,
     labels: str | Path | None = None,
     *,
     out: str | Path,
     folds: Sequence[int | str] | None = None,
     checkpoint: str = "checkpoint_final.pth",
-    device: str = "cpu",
+    device: str | None = None,
     layers: Sequence[str] | str | None = None,
     classes: Sequence[int] | None = None,
+    target: int | None = None,
     guide: str = "prediction",
     units: bool = False,
     keep_maps: int = 0,
@@ -571,6 +584,17 @@ def analyze_nnunet(
     ``images.parquet`` with ``file`` and ``label_file``, ``settings.json`` with an ``nnunet`` entry,
     ``maps.npz`` for the first ``keep_maps`` cases), ``errors.csv`` for cases that failed, and
     ``predictions/<case><ending>``: nnU-Net's segmentation exported to each input's geometry.
+
+    Args:
+        folder: the results folder (or a model :func:`load_nnunet` loaded; then ``folds``,
+            ``checkpoint``, ``device`` and ``mirroring`` are its own).
+        images, labels: nnU-Net raw folders (``imagesTs``, ``labelsTs``); see :func:`find_cases`.
+        out: the result folder.
+        folds, checkpoint, device, mirroring: see :func:`load_nnunet`.
+        layers, classes, target, guide, units: see :func:`analyze_case`.
+        keep_maps: keep the maps of the first ``keep_maps`` cases (``maps.npz``).
+        force: replace earlier results in ``out``.
+        progress: called with ``(1, failed=0 or 1)`` after each case.
 
     Returns:
         ``(result, errors)``: the :class:`segability.SAResult` written and the failures (``results.ERRORS``).
@@ -595,21 +619,25 @@ def analyze_nnunet(
         write_table,
     )  # fmt: skip
 
-    model = load_nnunet(folder, folds, checkpoint, device=device, mirroring=mirroring)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(folder, NnUNetModel):
+        model = folder
+    else:
+        model = load_nnunet(folder, folds, checkpoint, device=device, mirroring=mirroring)
     cases = find_cases(images, labels, model.channels, model.file_ending)
     if guide == "label" and not any(c.label is not None for c in cases):
         raise UsageError('guide "label" needs labels: give the labels folder (labelsTs)', argument="labels")
-    target = Path(out)
-    existing = [f for f in (*RESULT_FILES, "errors.csv") if (target / f).exists()]
+    folder_out = Path(out)
+    existing = [f for f in (*RESULT_FILES, "errors.csv") if (folder_out / f).exists()]
     if existing and not force:
-        raise FileExistsError(f"{target} already holds results ({', '.join(existing)}); use --force to replace them")
-    predictions = target / "predictions"
+        raise FileExistsError(f"{folder_out} already holds results ({', '.join(existing)}); use --force to replace them")
+    predictions = folder_out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
     done, errors, settings = [], [], {}
     for k, case in enumerate(cases):
         try:
-            res, pre, logits = analyze_case(model, case, layers=layers, classes=classes, guide=guide, units=units,
-                                            keep_maps=k < keep_maps)  # fmt: skip
+            res, pre, logits = analyze_case(model, case, layers=layers, classes=classes, target=target, guide=guide,
+                                            units=units, keep_maps=k < keep_maps)  # fmt: skip
             seg = model.segmentation(logits, pre.properties)
             model.write_segmentation(seg, pre.properties, predictions / f"{case.case}{model.file_ending}")
             res.images["file"] = str(case.images[0])
@@ -636,10 +664,10 @@ def analyze_nnunet(
                   "version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "data": str(images)},
     )  # fmt: skip
-    if (target / "errors.csv").exists():
-        (target / "errors.csv").unlink()
-    result.save(target, overwrite=force or not existing)
+    if (folder_out / "errors.csv").exists():
+        (folder_out / "errors.csv").unlink()
+    result.save(folder_out, overwrite=force or not existing)
     errors_df = typed(pd.DataFrame(errors), ERRORS) if errors else empty_table(ERRORS)
     if errors:
-        write_table(errors_df, target / "errors.csv", ERRORS)
+        write_table(errors_df, folder_out / "errors.csv", ERRORS)
     return result, errors_df
