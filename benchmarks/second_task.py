@@ -24,7 +24,7 @@ from segability.datasets.cache import cache_key, cache_root
 from segability.datasets.tissue import mni_csf
 from segability.train import dice_of
 
-__all__ = ["CSFConfig", "csf_model", "load_csf_model"]
+__all__ = ["CSFConfig", "csf_model", "load_csf_model", "csf_members"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,16 @@ def load_csf_model(cfg: CSFConfig = CSFConfig(), *, cache_dir: str | Path | None
     if verbose:
         print(f"validation Dice {dice:.3f}; checkpoint cached", flush=True)
     return model
+
+
+def csf_members(n: int, cfg: CSFConfig = CSFConfig(), *, steps: int | None = None, cache_dir: str | Path | None = None,
+                verbose: bool = True) -> list[nn.Module]:
+    """A deep ensemble of ``n`` CSF SegResNets: member 0 is the deployed model (``cfg``), the others
+    are trained with seeds ``cfg.seed + 1 ...`` (initialisation, crops and training slices), with
+    ``steps`` training steps (default ``cfg.steps``: the same recipe); each is cached like the model.
+    """
+    others = [dataclasses.replace(cfg, seed=cfg.seed + i, steps=steps or cfg.steps) for i in range(1, n)]
+    return [load_csf_model(c, cache_dir=cache_dir, verbose=verbose) for c in (cfg, *others)]
 
 
 if __name__ == "__main__":
