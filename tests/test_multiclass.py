@@ -104,6 +104,13 @@ def test_multi_class_tables_save_and_load(tmp_path):
     pd.testing.assert_frame_equal(back.layers, res.layers)
     assert set(res.maps["0"]["classes"]) == {1, 2}
     np.testing.assert_array_equal(res.maps["0"]["prediction"], res.maps["0"]["classes"][1]["prediction"])
+    for c in (1, 2):  # every class's maps come back from maps.npz
+        mine, read = res.maps["0"]["classes"][c], back.maps["0"]["classes"][c]
+        np.testing.assert_array_equal(read["prediction"], mine["prediction"])
+        assert read["layers"].keys() == mine["layers"].keys()
+        for layer in mine["layers"]:
+            np.testing.assert_array_equal(read["layers"][layer], mine["layers"][layer])
+    assert not np.array_equal(back.maps["0"]["classes"][1]["prediction"], back.maps["0"]["classes"][2]["prediction"])
 
 
 def test_windows_every_class_equals_per_class_windows():

@@ -194,7 +194,7 @@ def test_queue_filters(served, run_2d):
     images = pd.read_parquet(run_2d / "images.parquet").set_index("image")
     assert _rows(served.get("/?flagged=yes")[1]) == qc[qc["flag"]]["image"].tolist()
     assert _rows(served.get("/?status=ok")[1]) == qc[qc["status"] == "ok"]["image"].tolist()
-    lesion = [i for i in qc["image"] if images.loc[i, "class"] == "lesion"]
+    lesion = [i for i in qc["image"] if images.loc[i, "class_meta"] == "lesion"]  # metadata "class" is kept as class_meta
     assert _rows(served.get("/?class=lesion")[1]) == lesion
     first = qc["image"].iloc[0]
     assert served.decide(first, "reject")[0] == 200

@@ -494,6 +494,10 @@ class Engine:
             if "image" not in metadata.columns:
                 raise UsageError("metadata must have an 'image' column with the image ids", argument="metadata")
             meta = metadata.assign(image=metadata["image"].astype(str))
+            # a metadata column named like a column of the table (the class columns of a
+            # multi-class run included, even when this run has none) keeps its values as NAME_meta
+            taken = [c for c in metadata.columns if c != "image" and c in IMAGES.names and c not in images_df.columns]
+            meta = meta.rename(columns={c: f"{c}_meta" for c in taken})
             images_df = images_df.merge(meta, on="image", how="left", suffixes=("", "_meta"))
         units_df = None
         if self.config.scoring.units:

@@ -333,18 +333,26 @@ def encode_maps(maps: Mapping[str, Mapping[str, Any]]) -> bytes:
 
     For the k-th image: ``"{k}:image"`` (C, *S) float32, ``"{k}:label"`` (*S) uint8,
     ``"{k}:prediction"`` (*S) float32, ``"{k}:layer:{layer}"`` (*S) uint8,
-    ``"{k}:unit:{layer}:{unit}"`` (*S) uint8; ``"image_ids"`` maps k to the image id.
+    ``"{k}:unit:{layer}:{unit}"`` (*S) uint8; ``"image_ids"`` maps k to the image id. A
+    multi-class entry's ``"classes"`` ({class: entry without image}) go under ``"{k}:class:{c}:..."``
+    with the same names.
     """
     arrays: dict[str, np.ndarray] = {"image_ids": np.array(list(maps), dtype=str)}
-    for k, entry in enumerate(maps.values()):
+
+    def put(prefix: str, entry: Mapping[str, Any]) -> None:
         for key in ("image", "label", "prediction"):
             if entry.get(key) is not None:
-                arrays[f"{k}:{key}"] = np.asarray(entry[key])
+                arrays[f"{prefix}:{key}"] = np.asarray(entry[key])
         for layer, arr in entry.get("layers", {}).items():
-            arrays[f"{k}:layer:{layer}"] = np.asarray(arr)
+            arrays[f"{prefix}:layer:{layer}"] = np.asarray(arr)
         for layer, units in entry.get("units", {}).items():
             for unit, arr in units.items():
-                arrays[f"{k}:unit:{layer}:{unit}"] = np.asarray(arr)
+                arrays[f"{prefix}:unit:{layer}:{unit}"] = np.asarray(arr)
+
+    for k, entry in enumerate(maps.values()):
+        put(str(k), entry)
+        for c, sub in (entry.get("classes") or {}).items():
+            put(f"{k}:class:{int(c)}", sub)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
@@ -376,14 +384,22 @@ class MapsArchive:
             self._npz.close()
             raise ValueError(f"{name}: image_ids must be a string array ({err})") from err
         self.image_ids: list[str] = [str(i) for i in np.asarray(ids).reshape(-1)]
-        self._layers: dict[int, list[str]] = {}
-        self._units: dict[int, dict[str, list[int]]] = {}
-        self._plain: dict[int, list[str]] = {}
+        # by (k, class or None): the layers, units and plain arrays present
+        self._layers: dict[tuple[int, int | None], list[str]] = {}
+        self._units: dict[tuple[int, int | None], dict[str, list[int]]] = {}
+        self._plain: dict[tuple[int, int | None], list[str]] = {}
         for key in self._npz.files:
             parts = key.split(":", 2)
             if not parts[0].isdigit() or len(parts) < 2:
                 continue
-            k, kind = int(parts[0]), parts[1]
+            k: tuple[int, int | None] = (int(parts[0]), None)
+            if parts[1] == "class" and len(parts) == 3:
+                c, _, tail = parts[2].partition(":")
+                if not c.lstrip("-").isdigit() or not tail:
+                    continue
+                k = (k[0], int(c))
+                parts = [parts[0], *tail.split(":", 1)]
+            kind = parts[1]
             rest = parts[2] if len(parts) == 3 else ""
             if kind == "layer" and rest:
                 self._layers.setdefault(k, []).append(rest)
@@ -411,27 +427,37 @@ class MapsArchive:
         except ValueError:
             return None
 
-    def get(self, k: int, kind: str, *name: str | int) -> np.ndarray | None:
-        """The array ``"{k}:{kind}[:{name}...]"``, or None when absent."""
-        key = ":".join([str(k), kind, *map(str, name)])
+    def get(self, k: int, kind: str, *name: str | int, cls: int | None = None) -> np.ndarray | None:
+        """The array ``"{k}:{kind}[:{name}...]"`` (of class ``cls`` of a multi-class run), or None when absent."""
+        prefix = [str(k)] if cls is None else [str(k), "class", str(int(cls))]
+        key = ":".join([*prefix, kind, *map(str, name)])
         return self._npz[key] if key in self._npz.files else None
 
-    def layers(self, k: int) -> list[str]:
-        """Layers with a feature segmentation map for the k-th kept image."""
-        return list(self._layers.get(k, []))
+    def classes(self, k: int) -> list[int]:
+        """The classes with maps of the k-th kept image (empty for a single-target run)."""
+        return sorted({c for (i, c) in (*self._plain, *self._layers, *self._units) if i == k and c is not None})
 
-    def units(self, k: int) -> dict[str, list[int]]:
-        """Units with a map for the k-th kept image, per layer."""
-        return {layer: sorted(u) for layer, u in self._units.get(k, {}).items()}
+    def layers(self, k: int, cls: int | None = None) -> list[str]:
+        """Layers with a feature segmentation map for the k-th kept image (and class)."""
+        return list(self._layers.get((k, cls), []))
 
-    def entry(self, k: int) -> dict[str, Any]:
-        """Every array of the k-th kept image, in the form :func:`encode_maps` takes."""
+    def units(self, k: int, cls: int | None = None) -> dict[str, list[int]]:
+        """Units with a map for the k-th kept image (and class), per layer."""
+        return {layer: sorted(u) for layer, u in self._units.get((k, cls), {}).items()}
+
+    def entry(self, k: int, cls: int | None = None) -> dict[str, Any]:
+        """Every array of the k-th kept image, in the form :func:`encode_maps` takes (with
+        ``"classes"`` for a multi-class run)."""
         out: dict[str, Any] = {"image": None, "label": None, "prediction": None, "layers": {}, "units": {}}
-        for kind in self._plain.get(k, []):
-            out[kind] = self.get(k, kind)
-        out["layers"] = {layer: self.get(k, "layer", layer) for layer in self.layers(k)}
-        for layer, units in self.units(k).items():
-            out["units"][layer] = {u: self.get(k, "unit", layer, u) for u in units}
+        if cls is not None:
+            del out["image"]
+        for kind in self._plain.get((k, cls), []):
+            out[kind] = self.get(k, kind, cls=cls)
+        out["layers"] = {layer: self.get(k, "layer", layer, cls=cls) for layer in self.layers(k, cls)}
+        for layer, units in self.units(k, cls).items():
+            out["units"][layer] = {u: self.get(k, "unit", layer, u, cls=cls) for u in units}
+        if cls is None and self.classes(k):
+            out["classes"] = {c: self.entry(k, c) for c in self.classes(k)}
         return out
 
 

@@ -113,6 +113,8 @@ class ReviewRun:
         self._index = {image: i for i, image in enumerate(self.cases["image"])}
 
     def _cases(self, images: pd.DataFrame) -> pd.DataFrame:
+        if "class_meta" in images.columns and CLASS_COLUMN not in images.columns:  # a metadata "class" (see analyze)
+            images = images.rename(columns={"class_meta": CLASS_COLUMN})
         keep = ["image", "dice", "mean_sa_pred", "input_sa_pred", "status", "reason"]
         keep += [c for c in (CLASS_COLUMN, "file") if c in images.columns]
         cases = images[keep].copy()
