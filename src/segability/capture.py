@@ -1,7 +1,8 @@
 """Capture the outputs of chosen layers of any ``torch.nn.Module`` with forward hooks.
 
 Layers are chosen by dotted name, glob pattern (``"decoder.*"``), module type, module object or
-predicate ``(name, module) -> bool``, or a list of those. In a glob, ``*`` and ``?`` stay inside one
+predicate ``(name, module) -> bool``, or a list of those; :func:`default_layers` is the choice made
+when none is given (every stage, transformer block and convolution, one entry per stage). In a glob, ``*`` and ``?`` stay inside one
 dotted part (``"vit.blocks.*"`` is the blocks, not their sub-modules) and ``**`` spans any number
 of parts (``"decoder.**"`` is everything inside the decoder). Hooks never leak: they are removed in
 ``finally``, also when the forward pass raises, and nothing in the model is changed.
@@ -27,6 +28,7 @@ __all__ = [
     "list_layers",
     "resolve_layers",
     "conv_layers",
+    "default_layers",
     "eval_mode",
     "first_tensor",
 ]
@@ -41,6 +43,12 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+
+CONTAINER_TYPES: tuple[type[nn.Module], ...] = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+# Self-attention modules by class name: torch's, MONAI's (SABlock, Swin's WindowAttention), timm's
+# and most hand-written transformers (Attention, ...SelfAttention); not attention *gates*
+# (AttentionBlock, AttentionLayer of attention U-Nets), which are convolutions around a skip.
+_ATTENTION = re.compile(r"^(Attention|SABlock|MultiheadAttention|MultiHeadAttention|\w*SelfAttention|WindowAttention\w*)$")
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,77 @@ def _named(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def conv_layers(model: nn.Module) -> list[str]:
     """Names of every convolution (1D/2D/3D, transposed too) of ``model``, in definition order."""
     return [n for n, m in _named(model) if isinstance(m, CONV_TYPES)]
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The layers analysed by default: one entry per stage or transformer block, plus convolutions.
+
+    The rule, so that each stage of the common architectures is one row rather than its many inner
+    convolutions:
+
+    1. **Stages**: the elements of a container named ``stages`` (nnU-Net's / dynamic_network_
+       architectures' ``encoder.stages.<i>`` and ``decoder.stages.<i>``). The module holding the
+       ``stages`` (``encoder``, ``decoder``) contributes nothing else: its stem, transposed
+       convolutions and segmentation heads (called only with deep supervision) are left out.
+    2. **Transformer blocks**: each element of a container that holds a self-attention module
+       (MONAI UNETR's ``vit.blocks.<i>``). When two or more container elements each hold such a
+       list of blocks, they are **stages** of blocks and are taken instead of their blocks
+       (MONAI SwinUNETR's ``swinViT.layers1.0`` ... ``swinViT.layers4.0``: the Swin stage that is
+       called, not the ``ModuleList`` around it).
+    3. **Convolutions** (1D/2D/3D, transposed too) that are not inside a module chosen above.
+
+    A container (``ModuleList``, ``ModuleDict``) is never chosen: it is not called itself. A net
+    of plain convolutions (MONAI UNet, a hand-made U-Net) gets every convolution, as
+    :func:`conv_layers`.
+
+    Returns:
+        Names in definition order; empty when the model has none of these.
+
+    Example:
+        >>> from torch import nn
+        >>> class Encoder(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.stem = nn.Conv2d(1, 4, 3)
+        ...         self.stages = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)),
+        ...                                     nn.Sequential(nn.Conv2d(4, 8, 3)))
+        >>> net = nn.Sequential(Encoder(), nn.Conv2d(8, 1, 1))
+        >>> default_layers(net)
+        ['0.stages.0', '0.stages.1', '1']
+    """
+    modules = dict(model.named_modules())
+
+    def parent(name: str) -> str:
+        return name.rpartition(".")[0]
+
+    def is_element(name: str) -> bool:
+        return bool(name) and isinstance(modules.get(parent(name)), CONTAINER_TYPES)
+
+    def inside(name: str, roots: set[str]) -> bool:
+        return any(name == r or name.startswith(r + ".") for r in roots)
+
+    names = [n for n in modules if n]
+    stages = {n for n in names if is_element(n) and parent(n).rpartition(".")[2] == "stages"}
+    owners = {parent(parent(n)) for n in stages} - {""}
+    blocks: set[str] = set()
+    for name in names:
+        module = modules[name]
+        if not (isinstance(module, nn.MultiheadAttention) or _ATTENTION.match(type(module).__name__)):
+            continue
+        above = name
+        while above and not is_element(above):
+            above = parent(above)
+        if above and not inside(above, stages):
+            blocks.add(above)
+    # Blocks listed in a child container of a container element: that element is a stage of blocks.
+    block_stages = {b.rsplit(".", 2)[0] for b in blocks if b.count(".") >= 2 and is_element(b.rsplit(".", 2)[0])}
+    if len(block_stages) >= 2:
+        blocks = {b for b in blocks if not inside(b, block_stages)} | block_stages
+    chosen = stages | blocks
+    # Nested choices (a block inside a block) keep the outer one.
+    chosen = {n for n in chosen if not any(n.startswith(c + ".") for c in chosen)}
+    convs = {n for n in conv_layers(model) if not inside(n, chosen) and not inside(n, owners)}
+    return [n for n in names if n in chosen or n in convs]
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:

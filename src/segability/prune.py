@@ -53,7 +53,14 @@ from segability.analysis import (
 )
 from segability.analysis.features import model_device
 from segability.analysis.inputs import Batch, batches
-from segability.capture import CONV_TYPES, FeatureRecorder, LayerSpec, eval_mode, resolve_layers
+from segability.capture import (
+    CONV_TYPES,
+    FeatureRecorder,
+    LayerSpec,
+    conv_layers,
+    eval_mode,
+    resolve_layers,
+)
 from segability.core.functional import dice_from_counts
 from segability.errors import UsageError
 from segability.progress import progress_bar
@@ -135,7 +142,8 @@ def prunable_layers(
         >>> prunable_layers(net, torch.zeros(1, 1, 8, 8))
         {'0': 4}
     """
-    candidates = layer_names(model, layers)
+    # Units are output channels of convolutions: the analysis default (stages, blocks) does not apply.
+    candidates = conv_layers(model) if isinstance(layers, str) and layers == "auto" else layer_names(model, layers)
     if not isinstance(example, torch.Tensor):
         raise UsageError(f"example must be a tensor (B, C, *spatial), got {type(example).__name__}", argument="example")
     device, dtype = model_device(model)

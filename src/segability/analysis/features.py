@@ -12,7 +12,7 @@ from torch import nn
 
 from segability.analysis.inputs import Batch
 from segability.analysis.results import INPUT
-from segability.capture import conv_layers, resolve_layers
+from segability.capture import default_layers, resolve_layers
 from segability.core.resize import resize
 from segability.errors import UsageError
 
@@ -37,14 +37,19 @@ def model_device(model: nn.Module, device: str | torch.device | None = None) -> 
 
 
 def layer_names(model: nn.Module, layers: Any = "auto") -> list[str]:
-    """The names of the layers to analyse: ``"auto"`` (every convolution) or a selection.
+    """The names of the layers to analyse: ``"auto"`` or a selection.
 
-    The one rule for ``layers="auto"``, used by the analysis, windows, batch runs and integrations.
+    The one rule for ``layers="auto"``, used by the analysis, windows, batch runs and integrations:
+    :func:`segability.capture.default_layers` (each encoder/decoder stage, transformer block and
+    Swin stage, and the convolutions outside them; every convolution for a plain convolutional net).
     """
     if isinstance(layers, str) and layers == "auto":
-        names = conv_layers(model)
+        names = default_layers(model)
         if not names:
-            raise UsageError("layers='auto' found no convolution in the model: choose layers by name or type", argument="layers")
+            raise UsageError(
+                "layers='auto' found no convolution, stage or transformer block in the model: choose layers by name or type",
+                argument="layers",
+            )
     else:
         names = [n for n, _ in resolve_layers(model, layers)]
     if INPUT in names:

@@ -2,19 +2,23 @@
 
 A name that exists is taken literally, even when it holds ``[``, ``*`` or ``?``; only a name that
 does not exist is a pattern. Labels come from a second folder and are paired with images by file
-name stem (``case1.nii.gz`` and ``case1.png`` share the stem ``case1``); :func:`pair_labels`
-reports unpaired files both ways. Files are listed here, not opened (:mod:`segability.io.intake`
-checks them before they are read).
+name stem (``case1.nii.gz`` and ``case1.png`` share the stem ``case1``), or by nnU-Net's raw names
+(image ``case1_0000.nii.gz``, label ``case1.nii.gz``; the files ``case1_0000``, ``case1_0001``, ...
+are the channels of one image); :func:`pair_labels` reports unpaired files both ways and refuses
+labels of which none pairs. Files are listed here, not opened (:mod:`segability.io.intake` checks
+them before they are read).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segability.errors import UsageError
 from segability.io.formats import (
     _is_dicom_file,
     _suffix_list,
@@ -23,7 +27,16 @@ from segability.io.formats import (
     is_dicom_series,
 )
 
-__all__ = ["Pairing", "find_images", "pair_labels"]
+__all__ = ["Pairing", "find_images", "pair_labels", "PAIRING_RULES"]
+
+# nnU-Net raw data: ``{case}_{channel:04d}`` images, ``{case}`` labels.
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+PAIRING_RULES = (
+    "an image pairs with the label of the same file name stem (case1.nii.gz with case1.png), the "
+    "label's stem ending in label_suffix when one is given (case1 with case1_seg for label_suffix='_seg'), "
+    "or by nnU-Net's raw names (image case1_0000.nii.gz, its channels case1_0001.nii.gz, ..., with "
+    "label case1.nii.gz)"
+)
 
 
 def _is_image(path: Path) -> bool:
@@ -121,11 +134,22 @@ def _one_series(paths: list[Path]) -> bool:
 
 @dataclass
 class Pairing:
-    """Images with their labels (None where an image has none) and the files left unpaired."""
+    """Images with their labels (None where an image has none) and the files left unpaired.
+
+    ``pairs`` has one entry per image; an nnU-Net case of several channel files
+    (``case1_0000.nii.gz``, ``case1_0001.nii.gz``) is one image, named by its first file, and
+    ``channels`` maps that file to all of them in channel order (read them with
+    :func:`~segability.io.load_item`, which stacks a list of files as channels).
+    """
 
     pairs: list[tuple[Path, Path | None]]
     unpaired_images: list[Path] = field(default_factory=list)
     unpaired_labels: list[Path] = field(default_factory=list)
+    channels: dict[Path, list[Path]] = field(default_factory=dict)
+
+    def image_files(self, image: Path) -> Path | list[Path]:
+        """The file of ``image``, or its channel files in order when it has several."""
+        return self.channels.get(image, image)
 
     def describe(self) -> str:
         """One line per kind of unpaired file (empty when everything is paired)."""
@@ -148,6 +172,12 @@ def pair_labels(
 ) -> Pairing:
     """Pair every image with the label of the same stem (plus ``label_suffix``, e.g. ``"_seg"``).
 
+    The rules, in order: the same stem (``case1.nii.gz`` and ``case1.png``); else nnU-Net's raw
+    names, an image ``case1_0000`` with the label ``case1``. Several channel files of one nnU-Net
+    case (``case1_0000``, ``case1_0001``, ...) become one image with several channels
+    (``Pairing.channels``). Without labels, the files are grouped so only when every image is named
+    ``{case}_{XXXX}`` and every case has the same channels ``0000, 0001, ...``, two or more.
+
     Args:
         images: image paths (see :func:`~segability.io.find_images`).
         labels: a folder, pattern or list of label files; None for no labels.
@@ -159,7 +189,10 @@ def pair_labels(
         listed in ``unpaired_labels``.
 
     Raises:
-        ValueError: two images (or two labels) share a stem, so pairing would be ambiguous.
+        UsageError: labels are given but no image pairs with any of them (a run would silently go
+            label-free); the message lists image and label stems and the rules.
+        ValueError: two images (or two labels) share a stem, so pairing would be ambiguous, or the
+            channel files of nnU-Net cases are incomplete or differ between cases.
 
     Example:
         >>> from pathlib import Path
@@ -168,15 +201,83 @@ def pair_labels(
         ([('a.png', 'a.png'), ('b.png', None)], ['c.png'])
     """
     if labels is None:
-        return Pairing([(p, None) for p in images])
+        by_stem = {image_stem(p): p for p in images}
+        cases = _channel_cases(by_stem, None) if len(by_stem) == len(images) else None
+        if cases is None:
+            return Pairing([(p, None) for p in images])
+        return _grouped(by_stem, {}, cases)
     by_stem = _unique_stems(images, "--images", "")
     label_paths = find_images(labels, argument=argument)
     label_by_stem = _unique_stems(label_paths, argument, label_suffix)
-    pairs = [(p, label_by_stem.get(stem)) for stem, p in by_stem.items()]
+    pairing = _grouped(by_stem, label_by_stem, _channel_cases(by_stem, label_by_stem) or {})
+    if len(pairing.unpaired_images) == len(pairing.pairs):
+        raise UsageError(_no_pair_message(by_stem, label_by_stem, label_suffix, argument), argument=argument.lstrip("-"))
+    return pairing
+
+
+def _channel_cases(by_stem: dict[str, Path], label_by_stem: dict[str, Path] | None) -> dict[str, list[str]] | None:
+    """nnU-Net cases: case -> its image stems in channel order.
+
+    With labels: the images whose own stem has no label but whose case has one. Without labels
+    (``label_by_stem`` None): every image, when all are named ``{case}_{XXXX}`` with the same two or
+    more channels per case; else None.
+    """
+    cases: dict[str, dict[int, str]] = {}
+    for stem in by_stem:
+        match = _CHANNEL.match(stem)
+        if label_by_stem is None and match is None:
+            return None
+        if match is None or (label_by_stem is not None and (stem in label_by_stem or match["case"] not in label_by_stem)):
+            continue
+        cases.setdefault(match["case"], {})[int(match["channel"])] = stem
+    for case, channels in cases.items():
+        if case in by_stem:
+            raise ValueError(f"--images: {by_stem[case]} and {by_stem[channels[min(channels)]]} are both images of the case {case!r}")
+        if sorted(channels) != list(range(len(channels))):
+            found = ", ".join(f"{c:04d}" for c in sorted(channels))
+            raise ValueError(
+                f"--images: the nnU-Net case {case!r} has the channel files {found}; channels are numbered 0000, 0001, ... without gaps"
+            )
+    counts = {len(c) for c in cases.values()}
+    if len(counts) > 1:
+        shown = {case: len(c) for case, c in list(cases.items())[:5]}
+        raise ValueError(f"--images: nnU-Net cases have different numbers of channel files ({shown}); every case needs the same channels")
+    if label_by_stem is None and (not cases or counts == {1}):
+        return None
+    return {case: [channels[i] for i in range(len(channels))] for case, channels in cases.items()}
+
+
+def _grouped(by_stem: dict[str, Path], label_by_stem: dict[str, Path], cases: dict[str, list[str]]) -> Pairing:
+    """Pairs in image order, each nnU-Net case once (at its first channel file)."""
+    case_of = {stem: case for case, stems in cases.items() for stem in stems}
+    pairs: list[tuple[Path, Path | None]] = []
+    channels: dict[Path, list[Path]] = {}
+    used: set[str] = set()
+    for stem, path in by_stem.items():
+        case = case_of.get(stem)
+        if case is None:
+            pairs.append((path, label_by_stem.get(stem)))
+            used.add(stem)
+        elif stem == cases[case][0]:
+            pairs.append((path, label_by_stem.get(case)))
+            used.add(case)
+            if len(cases[case]) > 1:
+                channels[path] = [by_stem[s] for s in cases[case]]
     return Pairing(
         pairs=pairs,
         unpaired_images=[p for p, lab in pairs if lab is None],
-        unpaired_labels=[p for stem, p in label_by_stem.items() if stem not in by_stem],
+        unpaired_labels=[p for stem, p in label_by_stem.items() if stem not in used],
+        channels=channels,
+    )
+
+
+def _no_pair_message(by_stem: dict[str, Path], label_by_stem: dict[str, Path], label_suffix: str, argument: str) -> str:
+    images, labels = list(by_stem)[:5], list(label_by_stem)[:5]
+    suffix = f" (after removing label_suffix {label_suffix!r})" if label_suffix else ""
+    return (
+        f"{argument}: no image pairs with a label, so nothing would be scored against a label. Image stems: "
+        f"{images}{' ...' if len(by_stem) > 5 else ''}; label stems{suffix}: {labels}{' ...' if len(label_by_stem) > 5 else ''}. "
+        f"Pairing rules: {PAIRING_RULES}. Leave {argument} out for a label-free run."
     )
 
 

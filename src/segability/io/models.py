@@ -3,7 +3,11 @@
 A model is named by a *spec*, ``path/to/file.py:factory`` or ``package.module:factory``, where the
 factory is a callable returning the ``nn.Module`` (keyword arguments come from ``model_args``, e.g.
 ``--model-arg channels=16``). Weights are a state dict read with ``torch.load(weights_only=True)``
-(also inside a checkpoint dict under ``state_dict`` / ``model`` / ...). A whole pickled model (a
+(NumPy scalars allowed, as nnU-Net's training logs hold), also inside a checkpoint: nnU-Net's
+``network_weights``, Lightning's ``state_dict`` (keys under ``model.`` / ``net.``), a MONAI
+bundle's ``model.pt``, or a dict with ``model`` / ``net`` / ...; the prefixes that wrappers add
+(``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``) are removed when that makes the keys fit
+the model. A whole pickled model (a
 ``.pt`` holding an ``nn.Module``) is refused unless ``trust_pickle=True``: unpickling runs arbitrary
 code from the file. TorchScript is refused with the reason: a scripted module cannot take the
 forward hooks that segability reads features with.
@@ -53,8 +57,11 @@ PICKLE_HELP = (
     "(trust_pickle=True) only if you trust where the file comes from, or save the weights alone "
     "with torch.save(model.state_dict(), 'weights.pt') and give the architecture with --model file.py:factory"
 )
-# Keys under which checkpoints commonly keep the model's state dict (Lightning, MONAI bundles, ...).
-CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights")
+# Keys under which checkpoints commonly keep the model's state dict: Lightning and most trainers
+# (state_dict, model_state_dict), nnU-Net (network_weights), MONAI CheckpointSaver (model, net, network).
+CHECKPOINT_KEYS = (
+    "state_dict", "model_state_dict", "network_weights", "model", "net", "network", "model_state", "weights",
+)  # fmt: skip
 # Prefixes added by wrappers (DataParallel, Lightning modules) that a bare model does not have.
 WRAPPER_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
 
@@ -234,24 +241,37 @@ def _is_tensor_dict(obj: Any) -> bool:
     )
 
 
-def _extract_state_dict(obj: Any, path: Path, argument: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.jit.ScriptModule):
-        raise UsageError(argument=argument, message=f"{argument}: {path} is a TorchScript module. {TORCHSCRIPT_HELP}")
-    if isinstance(obj, nn.Module):
+def _find_state_dict(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None:
+    """The state dict in ``obj``: itself, or under one of ``CHECKPOINT_KEYS`` (two levels deep at most)."""
+    if isinstance(obj, nn.Module) and not isinstance(obj, torch.jit.ScriptModule):
         return obj.state_dict()
     if _is_tensor_dict(obj):
         return dict(obj)
-    if isinstance(obj, Mapping):
+    if isinstance(obj, Mapping) and depth < 2:
         for key in CHECKPOINT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, nn.Module):
-                return inner.state_dict()
-            if _is_tensor_dict(inner):
-                return dict(inner)
-        keys = sorted(map(str, obj))[:12]
+            if key in obj:
+                found = _find_state_dict(obj[key], depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def _extract_state_dict(obj: Any, path: Path, argument: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise UsageError(argument=argument, message=f"{argument}: {path} is a TorchScript module. {TORCHSCRIPT_HELP}")
+    found = _find_state_dict(obj)
+    if found is not None:
+        return found
+    if isinstance(obj, Mapping):
+        keys = sorted(map(str, obj))
+        shown = ", ".join(repr(k) for k in keys[:15]) + (f" and {len(keys) - 15} more" if len(keys) > 15 else "")
         raise UsageError(
-            argument=argument, message=f"{argument}: {path} is a dict without a state dict; expected tensors by parameter name, or a "
-            f"checkpoint with one of {list(CHECKPOINT_KEYS)}; its keys are {keys}"
+            argument=argument, message=f"{argument}: {path} is a dict without a state dict; its top-level keys are {shown}. "
+            "Understood: a state dict itself (tensors by parameter name), or a checkpoint holding one under "
+            f"{', '.join(repr(k) for k in CHECKPOINT_KEYS)} (nnU-Net: 'network_weights'; Lightning: 'state_dict'; "
+            "MONAI bundles: the state dict itself or 'model'); wrapper prefixes "
+            f"{', '.join(repr(p) for p in WRAPPER_PREFIXES)} are removed. Otherwise save the weights alone with "
+            "torch.save(model.state_dict(), 'weights.pt')"
         )
     raise UsageError(argument=argument, message=f"{argument}: {path} holds a {type(obj).__name__}, expected a state dict (parameter name -> tensor)")
 
@@ -284,13 +304,34 @@ def _check_torch_file(path: Path, argument: str) -> None:
         )
 
 
+def _numpy_globals() -> list[Any]:
+    """NumPy scalars and dtypes, for ``weights_only`` loading: nnU-Net's checkpoints log ``np.float64``.
+
+    Rebuilding a NumPy scalar from its dtype and bytes runs no code from the file. The scalar
+    function is listed under both of its module names (NumPy 1 writes ``numpy.core``, NumPy 2
+    ``numpy._core``), so a file written with either loads.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}
+    return [
+        (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes,
+    ]  # fmt: skip
+
+
 def _torch_load(path: Path, argument: str, trust_pickle: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; a full unpickle only when trusted."""
+    """``torch.load`` with ``weights_only=True`` (NumPy scalars allowed); a full unpickle only when trusted."""
     _check_torch_file(path, argument)
     if is_torchscript_file(path):
         raise UsageError(argument=argument, message=f"{argument}: {path} is a TorchScript archive (torch.jit.save). {TORCHSCRIPT_HELP}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
             raise UsageError(
@@ -311,8 +352,10 @@ def load_state_dict(
     """Read a state dict from a ``torch.save`` file, with ``weights_only=True``.
 
     Accepted contents: a state dict; a checkpoint dict holding one under ``state_dict``,
-    ``model_state_dict``, ``model``, ``net``, ``network``, ``model_state`` or ``weights``; with
-    ``trust_pickle=True`` also a whole pickled model (its ``state_dict()`` is taken).
+    ``model_state_dict``, ``network_weights`` (nnU-Net), ``model``, ``net``, ``network``,
+    ``model_state`` or ``weights`` (also one level further down); with ``trust_pickle=True`` also a
+    whole pickled model (its ``state_dict()`` is taken). NumPy scalars in the checkpoint (nnU-Net's
+    logs) are allowed without ``trust_pickle``.
 
     Raises:
         ValueError: a missing or unreadable file, a TorchScript archive, pickled objects without
@@ -331,12 +374,29 @@ def load_state_dict(
     return _extract_state_dict(_torch_load(path, argument, trust_pickle), path, argument)
 
 
+def _readings(state: dict[str, torch.Tensor], levels: int = 3) -> list[dict[str, torch.Tensor]]:
+    """The readings of a state dict's keys: as saved, then with wrapper prefixes removed.
+
+    Prefixes nest (``module.model.`` from DDP around a Lightning module), so they are removed up to
+    ``levels`` times. A prefix that only some keys carry selects those keys: a Lightning module's
+    ``model.*`` beside its loss's own ``criterion.*`` buffers.
+    """
+    out, frontier = [state], [state]
+    for _ in range(levels):
+        nxt = []
+        for reading in frontier:
+            for prefix in WRAPPER_PREFIXES:
+                inner = {k[len(prefix) :]: v for k, v in reading.items() if k.startswith(prefix)}
+                if inner:
+                    nxt.append(inner)
+        out += nxt
+        frontier = nxt
+    return out
+
+
 def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], weights: str | os.PathLike) -> None:
     own = model.state_dict()
-    candidates = [state]
-    for prefix in WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            candidates.append({k[len(prefix) :]: v for k, v in state.items()})
+    candidates = _readings(state)
     for candidate in candidates:
         if set(candidate) == set(own) and all(candidate[k].shape == own[k].shape for k in own):
             model.load_state_dict(candidate, strict=True)

@@ -7,13 +7,14 @@ others get their channel moved or added (``ensure_channel_first``). 2D raster im
 ``(H, W)`` order (``PILReader(reverse_indexing=False)``), so a PNG reads like
 ``np.asarray(Image.open(f))``. Every file passes :func:`~segability.io.check_image_file` first, and
 the reader its suffix names is the only one tried: a file that does not fit it is an error, never
-handed on to the others.
+handed on to the others. An image kept as one file per channel (nnU-Net's ``case_0000.nii.gz``,
+``case_0001.nii.gz``, ...) is read by :func:`load_item` from the list of its files, stacked in order.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from segability.io.formats import NRRD_SUFFIXES, image_suffix
 from segability.io.intake import MAX_IMAGE_BYTES, _intake
 
-__all__ = ["read_image", "load_item"]
+__all__ = ["read_image", "read_channels", "load_item"]
 
 
 @lru_cache(maxsize=16)
@@ -93,8 +94,36 @@ def _read_nrrd_without_space(path: Path, exc: KeyError) -> torch.Tensor:
     return MetaTensor(torch.as_tensor(np.ascontiguousarray(data, dtype=np.float32))[None], meta={"filename_or_obj": str(path)})
 
 
+def read_channels(files: Sequence[str | os.PathLike], *, max_bytes: int | None = MAX_IMAGE_BYTES) -> torch.Tensor:
+    """Read the channel files of one image and stack them, in order, as its channels (C, *S).
+
+    Each file is read by :func:`read_image`; all must have the same spatial shape. The metadata
+    (affine, ...) are the first file's.
+
+    Raises:
+        ValueError: no files, or files of different spatial shapes.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> for c in range(2):
+        ...     np.save(os.path.join(d, f"case_000{c}.npy"), np.full((1, 4, 5), c, np.float32))
+        >>> x = read_channels([os.path.join(d, "case_0000.npy"), os.path.join(d, "case_0001.npy")])
+        >>> tuple(x.shape), float(x[1].max())
+        ((2, 4, 5), 1.0)
+    """
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("an image needs at least one channel file, got none")
+    parts = [read_image(p, max_bytes=max_bytes) for p in paths]
+    shapes = {p.name: tuple(x.shape[1:]) for p, x in zip(paths, parts, strict=True)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the channel files of one image have different spatial shapes: {shapes}")
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def load_item(
-    image: str | os.PathLike,
+    image: str | os.PathLike | Sequence[str | os.PathLike],
     label: str | os.PathLike | None = None,
     preprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     *,
@@ -103,7 +132,8 @@ def load_item(
     """Read an image (and its label), preprocess them, and return plain float32 tensors.
 
     Args:
-        image: the image file (or DICOM series folder).
+        image: the image file (or DICOM series folder), or the list of its channel files
+            (stacked in order, :func:`read_channels`).
         label: its label file, or None.
         preprocess: a callable on ``{"image": ..., "label": ...}`` (see :func:`~segability.io.load_preprocess`).
         max_bytes: the most voxel data a file's header may promise (see :func:`read_image`).
@@ -116,7 +146,11 @@ def load_item(
         ValueError: a file its reader cannot read, a preprocessing callable that does not return a
             dict with ``"image"``, or an image and label of different spatial shapes.
     """
-    item: dict[str, Any] = {"image": read_image(image, max_bytes=max_bytes)}
+    if isinstance(image, (str, os.PathLike)):
+        item: dict[str, Any] = {"image": read_image(image, max_bytes=max_bytes)}
+    else:
+        item = {"image": read_channels(image, max_bytes=max_bytes)}
+        image = image[0]
     if label is not None:
         item["label"] = read_image(label, max_bytes=max_bytes)
     if preprocess is not None:
