@@ -66,6 +66,10 @@ def _load_model(source: opt.FileOptions) -> Any:
     """The model the options name, on the CPU (raises ``UsageError`` for a bad spec or weights)."""
     from segability.io import load_model
 
+    if source.nnunet is not None:  # the network of the first fold (what a calibration's fingerprint covers)
+        from segability.integrations.nnunet import load_nnunet
+
+        return load_nnunet(source.nnunet, opt.split_list(source.fold) or None, source.checkpoint).network
     if source.model is None:
         raise UsageError("--model and --images are required (or --run RUN_DIR, a folder `segability analyze` wrote)")
     args = source.model_args()
@@ -84,8 +88,12 @@ def _run_source(files: opt.FileOptions, run: Path) -> opt.FileOptions:
 
     settings_file = run / "settings.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    if files.model is not None:
+    if files.model is not None or files.nnunet is not None:
         return files
+    if isinstance(settings.get("nnunet"), dict):  # a run of `analyze --nnunet`: its results folder, folds, checkpoint
+        nn = settings["nnunet"]
+        return dataclasses.replace(files, nnunet=Path(nn["folder"]), fold=[str(f) for f in nn["folds"]],
+                                   checkpoint=nn["checkpoint"])  # fmt: skip
     if not settings.get("model"):
         raise UsageError(f"--run: {run} does not say which model made it (no settings.json); give --model")
     args = [f"{k}={v!r}" for k, v in (settings.get("model_args") or {}).items()]
@@ -125,6 +133,9 @@ def _analysis(
     if files.model is None or files.images is None:
         raise UsageError("--model and --images are required (or --run RUN_DIR, a folder `segability analyze` wrote)")
     if need_labels:
+    if files.nnunet is not None:
+        return _nnunet_analysis(files, out=out, resume=resume, force=force, progress=progress, need_labels=need_labels,
+                                layers=layers)  # fmt: skip
         _check_labels(files)
     from segability.batch import analyze_files
 
@@ -138,6 +149,38 @@ def _analysis(
 def _check_labels(files: opt.FileOptions) -> None:
     """Every image needs a label (true Dice): checked before anything runs."""
     from segability.io import find_images, pair_labels
+def _nnunet_analysis(files: opt.FileOptions, *, out: Path, resume: bool, force: bool, progress: bool, need_labels: bool,
+                     layers: list[str] | None) -> _Analysis:  # fmt: skip
+    """``--nnunet``: nnU-Net's pipeline into ``out``, one class (``--target``; the only foreground label by default)."""
+    import dataclasses
+
+    from segability.cli.analyze import run_nnunet
+    from segability.integrations.nnunet import find_cases, load_nnunet
+
+    if resume:
+        raise UsageError("--resume is not available with --nnunet (the run takes one pass); use --force", argument="resume")
+    model = load_nnunet(files.nnunet, opt.split_list(files.fold) or None, files.checkpoint)
+    target = files.target
+    if target is None:
+        if len(model.classes) != 1:
+            raise UsageError(f"target: the quality gate scores one class; give --target (dataset.json labels: {model.classes})",
+                             argument="target")  # fmt: skip
+        target = next(iter(model.classes))
+    if need_labels:
+        if files.images is None:
+            raise UsageError("images is required: give the nnU-Net raw folder of the cases (imagesTs)", argument="images")
+        if files.labels is None:
+            raise UsageError("--labels is required: calibrate and evaluate-qc measure true Dice against label files")
+        unlabelled = [c.case for c in find_cases(files.images, files.labels, model.channels, model.file_ending) if c.label is None]
+        if unlabelled:
+            raise UsageError(f"{len(unlabelled)} case(s) have no label in --labels ({', '.join(unlabelled[:5])}); every case needs one here")
+    if layers is not None and files.layers is None:  # a calibration's layers, without the fold prefix of an ensemble
+        files = dataclasses.replace(files, layers=list(dict.fromkeys(n.split("/", 1)[-1] for n in layers)))
+    files = dataclasses.replace(files, target=target)
+    _, errors = run_nnunet(files, out, progress=progress, force=force)
+    return _Analysis(out, errors, files)
+
+
 
     if files.labels is None:
         raise UsageError("--labels is required: calibrate and evaluate-qc measure true Dice against label files")
@@ -266,7 +309,7 @@ def qc_command(
                 cal.check_model(net)
             else:
                 cal.check_fingerprint(fingerprint(state_dict_hash(net), cal.layers))
-        if run is None:
+        if run is None and files.nnunet is None:
             from segability.analysis import layer_names
 
             missing = sorted(set(cal.layers) - set(layer_names(net, files.layer_list())))
