@@ -230,6 +230,8 @@ def _channel_cases(by_stem: dict[str, Path], label_by_stem: dict[str, Path] | No
         if match is None or (label_by_stem is not None and (stem in label_by_stem or match["case"] not in label_by_stem)):
             continue
         cases.setdefault(match["case"], {})[int(match["channel"])] = stem
+    if label_by_stem is None and not _regular(cases, by_stem):
+        return None
     for case, channels in cases.items():
         if case in by_stem:
             raise ValueError(f"--images: {by_stem[case]} and {by_stem[channels[min(channels)]]} are both images of the case {case!r}")
@@ -245,6 +247,12 @@ def _channel_cases(by_stem: dict[str, Path], label_by_stem: dict[str, Path] | No
     if label_by_stem is None and (not cases or counts == {1}):
         return None
     return {case: [channels[i] for i in range(len(channels))] for case, channels in cases.items()}
+
+
+def _regular(cases: dict[str, dict[int, str]], by_stem: dict[str, Path]) -> bool:
+    """Every case has the channels 0000 .. N-1, the same N for all, and no image is named as a case."""
+    counts = {len(c) for c in cases.values()}
+    return len(counts) == 1 and all(sorted(c) == list(range(len(c))) and k not in by_stem for k, c in cases.items())
 
 
 def _grouped(by_stem: dict[str, Path], label_by_stem: dict[str, Path], cases: dict[str, list[str]]) -> Pairing:
