@@ -176,3 +176,47 @@ def test_windowed_maps_of_one_window_equal_the_whole_volume_maps():
     np.testing.assert_array_equal(a["label"], b["label"])
     for layer in ("input", "feat", "head"):
         np.testing.assert_array_equal(a["layers"][layer], b["layers"][layer])
+
+
+NETS = '''
+import torch
+from torch import nn
+
+
+def three_class(dims=2):
+    torch.manual_seed(0)
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    return nn.Sequential(conv(1, 6, 3, padding=1), nn.ReLU(), conv(6, 3, 1))
+'''
+
+
+def test_cli_classes_and_class_names_equal_per_target_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from segability.cli.app import app
+
+    (tmp_path / "nets.py").write_text(NETS)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    x, y = _images(n=3, size=(20, 20), seed=9)
+    for i in range(3):
+        np.save(tmp_path / "img" / f"case{i}.npy", x[i].numpy())
+        np.save(tmp_path / "lab" / f"case{i}.npy", y[i : i + 1].numpy().astype(np.uint8))
+    base = ["analyze", "--model", f"{tmp_path / 'nets.py'}:three_class", "--images", str(tmp_path / "img"),
+            "--labels", str(tmp_path / "lab"), "--no-report", "--no-progress"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "multi"), "--classes", "1,2", "--class-names", "1=gm,2=wm"])
+    assert res.exit_code == 0, res.output
+    multi = segability.load_result(tmp_path / "multi")
+    assert multi.layers.groupby("class")["class_name"].first().to_dict() == {1: "gm", 2: "wm"}
+    for c in (1, 2):
+        res = runner.invoke(app, [*base, "--out", str(tmp_path / f"t{c}"), "--target", str(c)])
+        assert res.exit_code == 0, res.output
+        one = segability.load_result(tmp_path / f"t{c}")
+        mine = multi.layers[multi.layers["class"] == c]
+        np.testing.assert_allclose(mine["sa"], one.layers["sa"], atol=1e-6)
+        np.testing.assert_allclose(mine["sa_pred"], one.layers["sa_pred"], atol=1e-6)
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--class-names", "liver"])
+    assert bad.exit_code == 2 and "--class-names" in bad.output
+    qc = runner.invoke(app, ["calibrate", *base[1:-2], "--out", str(tmp_path / "cal.json"), "--classes", "all"])
+    assert qc.exit_code == 2 and "--target" in qc.output

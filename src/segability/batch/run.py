@@ -108,6 +108,8 @@ def analyze_files(
     guide: Literal["prediction", "label"] = "prediction",
     output: Literal["auto", "sigmoid", "softmax", "probabilities"] = "auto",
     target: int | None = None,
+    classes: Sequence[int] | str | None = None,
+    class_names: Mapping[int, str] | None = None,
     mask: Literal["nonzero"] | None = None,
     output_key: str | None = None,
     preprocess: Any = None,
@@ -142,7 +144,8 @@ def analyze_files(
             gpus_per_worker, device, resume, force, report, progress: see
             :class:`~segability.batch.config.FilesConfig`.
         layers: "auto" (every convolution) or layer names / glob patterns.
-        units, guide, output, target, mask, output_key, empty: as in :func:`segability.analyze`;
+        units, guide, output, target, classes, class_names, mask, output_key, empty: as in
+            :func:`segability.analyze`;
             ``mask`` is None or "nonzero". A given ``target`` must be a value of the labels: it is
             checked against the first labels (see :func:`run_files`).
         roi_size, overlap, sw_batch_size: sliding windows (see :class:`~segability.analysis.Windows`);
@@ -167,7 +170,7 @@ def analyze_files(
         (12, 1, 'layers.parquet')
     """
     config = AnalysisConfig(
-        readout=Readout(output=output, target=target, output_key=output_key),
+        readout=Readout(output=output, target=target, output_key=output_key, classes=classes, class_names=class_names),
         scoring=Scoring(guide=guide, units=units, mask=mask, empty=empty, keep_maps=keep_maps),
         capture=Capture(layers=[layers] if isinstance(layers, str) and layers != "auto" else layers),
         windows=None if roi_size is None else Windows(

@@ -59,6 +59,11 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "preprocess": (_option(str | None, "--preprocess", help="Preprocessing: a JSON/YAML config (orientation, spacing, "
                            "intensity, size) or file.py:fn."), None),
     "target": (_option(int | None, "--target", help="Target class of a K-channel output or a multi-class label (default 1)."), None),
+    "classes": (_option(list[str] | None, "--classes", help="Score several classes in one pass (repeatable or "
+                        "comma-separated class indices, or 'all': every foreground class); tables get class and "
+                        "class_name columns. Default: the one --target (nnU-Net: every foreground label)."), None),
+    "class_names": (_option(list[str] | None, "--class-names", help="Class names, index=name (repeatable or "
+                            "comma-separated), e.g. 1=liver,2=tumour (nnU-Net: from dataset.json)."), None),
     "output": (_option(str, "--output", help="How to read the model output: auto, sigmoid, softmax or probabilities."), "auto"),
     "output_key": (_option(str | None, "--output-key", help="Key of the output when the model returns a dict."), None),
     "mask": (_option(str | None, "--mask", help="'nonzero': only pixels where the image is non-zero shape the prototypes."), None),
@@ -81,8 +86,8 @@ SHARED: dict[str, tuple[Any, Any]] = {
 }  # fmt: skip
 
 # What the analysis computes (as opposed to how and where it runs): fixed by a finished run.
-ANALYSIS_FIELDS = ("images", "labels", "label_suffix", "layers", "preprocess", "target", "output", "output_key", "mask",
-                   "roi_size", "overlap", "nnunet", "fold", "checkpoint")  # fmt: skip
+ANALYSIS_FIELDS = ("images", "labels", "label_suffix", "layers", "preprocess", "target", "classes", "class_names", "output",
+                   "output_key", "mask", "roi_size", "overlap", "nnunet", "fold", "checkpoint")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class FileOptions:
     layers: list[str] | None = None
     preprocess: str | None = None
     target: int | None = None
+    classes: list[str] | None = None
+    class_names: list[str] | None = None
     output: str = "auto"
     output_key: str | None = None
     mask: str | None = None
@@ -119,6 +126,39 @@ class FileOptions:
         """The flags among ``names`` whose value differs from the default."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return [flag(n) for n in names if getattr(self, n) not in (defaults[n], [])]
+
+    def class_list(self) -> tuple[int, ...] | str | None:
+        """``--classes`` as class indices, ``"all"`` or None.
+
+        Raises:
+            UsageError: an item that is not an integer (argument ``classes``).
+        """
+        items = split_list(self.classes)
+        if not items:
+            return None
+        if items == ["all"]:
+            return "all"
+        try:
+            return tuple(int(v) for v in items)
+        except ValueError:
+            raise UsageError(f"classes must be 'all' or class indices like 1,2, got {','.join(items)!r}", argument="classes") from None
+
+    def class_name_map(self) -> dict[int, str] | None:
+        """``--class-names`` as ``{index: name}`` or None.
+
+        Raises:
+            UsageError: an item that is not ``index=name`` (argument ``class_names``).
+        """
+        items = split_list(self.class_names)
+        if not items:
+            return None
+        names: dict[int, str] = {}
+        for item in items:
+            index, sep, name = item.partition("=")
+            if not sep or not index.strip().isdigit() or not name.strip():
+                raise UsageError(f"class_names items must be index=name like 1=liver, got {item!r}", argument="class_names")
+            names[int(index)] = name.strip()
+        return names
 
     def layer_list(self) -> list[str] | str:
         """``--layers`` as a list of names / patterns, or ``"auto"``."""
@@ -188,6 +228,7 @@ class FileOptions:
             "model": self.model, "images": self.images, "labels": self.labels, "weights": self.weights,
             "model_args": self.model_args(), "trust_pickle": self.trust_pickle, "layers": self.layer_list(),
             "output": self.output, "target": self.target, "mask": self.mask, "output_key": self.output_key,
+            "classes": self.class_list(), "class_names": self.class_name_map(),
             "preprocess": self.preprocess or bundle.get("preprocess"), "label_suffix": self.label_suffix,
             "roi_size": self.roi() or bundle.get("roi_size"),
             "overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "engine": self.engine,
@@ -216,7 +257,7 @@ def nnunet_kwargs(files: FileOptions) -> dict[str, Any]:
                          f"leave out {', '.join(replaced)}", argument="nnunet")  # fmt: skip
     return {"folder": files.nnunet, "images": files.images, "labels": files.labels, "folds": split_list(files.fold) or None,
             "checkpoint": files.checkpoint, "device": files.device, "layers": split_list(files.layers) or None,
-            "target": files.target}  # fmt: skip
+            "target": files.target, "classes": None if files.class_list() == "all" else files.class_list()}  # fmt: skip
 
 
 def split_list(values: list[str] | None) -> list[str]:

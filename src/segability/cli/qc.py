@@ -119,6 +119,9 @@ def _analysis(
     """
     import pandas as pd
 
+    if files.classes:
+        raise UsageError("the quality gate estimates one class's Dice: calibrate and gate each class on its own with "
+                         "--target (a multi-class run's per-class SA is in `segability analyze --classes`)", argument="classes")  # fmt: skip
     if run is not None:
         given = files.given(opt.ANALYSIS_FIELDS)
         if given:
@@ -130,12 +133,12 @@ def _analysis(
         errors_file = run / ERRORS.file
         errors = read_table(errors_file, ERRORS) if errors_file.is_file() else pd.DataFrame({"file": [], "error": []})
         return _Analysis(run, errors, _run_source(files, run))
-    if files.model is None or files.images is None:
-        raise UsageError("--model and --images are required (or --run RUN_DIR, a folder `segability analyze` wrote)")
-    if need_labels:
     if files.nnunet is not None:
         return _nnunet_analysis(files, out=out, resume=resume, force=force, progress=progress, need_labels=need_labels,
                                 layers=layers)  # fmt: skip
+    if files.model is None or files.images is None:
+        raise UsageError("--model and --images are required (or --run RUN_DIR, a folder `segability analyze` wrote)")
+    if need_labels:
         _check_labels(files)
     from segability.batch import analyze_files
 
@@ -146,9 +149,6 @@ def _analysis(
     return _Analysis(out, summary.errors, files)
 
 
-def _check_labels(files: opt.FileOptions) -> None:
-    """Every image needs a label (true Dice): checked before anything runs."""
-    from segability.io import find_images, pair_labels
 def _nnunet_analysis(files: opt.FileOptions, *, out: Path, resume: bool, force: bool, progress: bool, need_labels: bool,
                      layers: list[str] | None) -> _Analysis:  # fmt: skip
     """``--nnunet``: nnU-Net's pipeline into ``out``, one class (``--target``; the only foreground label by default)."""
@@ -181,6 +181,9 @@ def _nnunet_analysis(files: opt.FileOptions, *, out: Path, resume: bool, force: 
     return _Analysis(out, errors, files)
 
 
+def _check_labels(files: opt.FileOptions) -> None:
+    """Every image needs a label (true Dice): checked before anything runs."""
+    from segability.io import find_images, pair_labels
 
     if files.labels is None:
         raise UsageError("--labels is required: calibrate and evaluate-qc measure true Dice against label files")
