@@ -387,6 +387,9 @@ def _image_items(analysis: _Analysis, *, labels: bool = False, skip: set[str] | 
 def _profile_settings(analysis: _Analysis) -> dict[str, Any]:
     """The analysis options the profile needs again (the readout, the mask); refuses what it cannot redo."""
     settings = analysis.result.settings
+    if settings.get("nnunet"):
+        raise UsageError("the profile estimator runs the model on segability's own reading of the images; a run through "
+                         "nnU-Net's pipeline (--nnunet) takes a mean-SA calibration (--estimator mean-sa)")  # fmt: skip
     if settings.get("roi_size"):
         raise UsageError("the profile estimator needs whole-image forward passes: a run with --roi-size (sliding windows) "
                          "takes a mean-SA calibration (--estimator mean-sa)")  # fmt: skip
@@ -562,6 +565,9 @@ def evaluate_qc_command(
                                                   ensemble_weights=ensemble_weights or [])  # fmt: skip
             out.mkdir(parents=True, exist_ok=True)
         else:
+            if files.nnunet is not None:
+                raise UsageError("evaluate-qc's baselines run the model on segability's own reading of the images, not "
+                                 "nnU-Net's pipeline: with --nnunet use calibrate and qc", argument="nnunet")  # fmt: skip
             analysis = _analysis(files, run=run, out=out, resume=resume, force=force, progress=not no_progress, need_labels=True)
             out.mkdir(parents=True, exist_ok=True)
             ev = _evaluate_files(analysis, files, seed_list, threshold, progress=not no_progress,
