@@ -247,3 +247,13 @@ def test_cli_layers_lists_the_networks_modules(results):
     assert res.exit_code == 0, res.output
     for name in ("encoder.stages.0", "decoder.stages.2", "decoder.seg_layers.2"):
         assert name in res.output
+
+
+def test_qc_commands_route_nnunet(results, raw, tmp_path):
+    base = ["--nnunet", str(results), "--fold", "0", "--images", str(raw / "imagesTs"), "--labels", str(raw / "labelsTs"),
+            "--no-progress"]  # fmt: skip
+    # the gate estimates one class's Dice: two foreground labels need --target
+    res = runner.invoke(app, ["calibrate", *base, "--out", str(tmp_path / "cal.json")])
+    assert res.exit_code == 2 and "--target" in res.output and "'gm'" in res.output
+    res = runner.invoke(app, ["evaluate-qc", *base, "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 2 and "--nnunet" in res.output
