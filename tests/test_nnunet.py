@@ -56,10 +56,12 @@ def fold0(results):
 
 @pytest.fixture(scope="session")
 def cli_run(results, raw, tmp_path_factory) -> Path:
-    """``segability analyze --nnunet`` on the two test cases, fold 0, nnU-Net's defaults (mirroring on)."""
+    """``segability analyze --nnunet`` on the two test cases, fold 0, nnU-Net's defaults (mirroring on);
+    the first case's maps exported as NIfTI."""
     out = tmp_path_factory.mktemp("nnunet") / "run"
     res = runner.invoke(app, ["analyze", "--nnunet", str(results), "--fold", "0", "--images", str(raw / "imagesTs"),
-                              "--labels", str(raw / "labelsTs"), "--out", str(out), "--no-progress", "--no-report"])  # fmt: skip
+                              "--labels", str(raw / "labelsTs"), "--out", str(out), "--no-progress", "--no-report",
+                              "--keep-maps", "1", "--export-maps", "nifti"])  # fmt: skip
     assert res.exit_code == 0, res.output
     return out
 
@@ -257,3 +259,42 @@ def test_qc_commands_route_nnunet(results, raw, tmp_path):
     assert res.exit_code == 2 and "--target" in res.output and "'gm'" in res.output
     res = runner.invoke(app, ["evaluate-qc", *base, "--out", str(tmp_path / "ev")])
     assert res.exit_code == 2 and "--nnunet" in res.output
+
+
+def test_exported_maps_overlay_the_input(cli_run, raw):
+    import nibabel as nib
+
+    image = nib.load(raw / "imagesTs" / "test_000_0000.nii.gz")
+    folder = cli_run / "maps" / "test_000"
+    index = json.loads((folder / "maps.json").read_text())
+    layer_files = {f for f, d in index["files"].items() if d["kind"] == "layer"}
+    assert {f"{n}_class-{c}.nii.gz" for n in STAGES for c in (1, 2)} <= layer_files
+    for name in index["files"]:
+        m = nib.load(folder / name)
+        assert m.shape == image.shape
+        np.testing.assert_allclose(m.affine, image.affine, atol=1e-4)
+    assert not (cli_run / "maps" / "test_001").exists()  # --keep-maps 1
+
+
+def test_geometry_is_nnunets_way_back(fold0, raw, tmp_path):
+    """Maps go back to the input grid as nnU-Net's own export takes its segmentation back, also
+    through nnU-Net's crop to the non-zero region (a zero border added here)."""
+    import nibabel as nib
+
+    src = nn_.find_cases(raw / "imagesTs", None, fold0.channels, fold0.file_ending)[0]
+    for k, f in enumerate(src.images):
+        img = nib.load(f)
+        a = np.asarray(img.dataobj).copy()
+        a[:5], a[:, -3:], a[..., :2] = 0, 0, 0  # zero in every channel: nnU-Net crops it away
+        nib.save(nib.Nifti1Image(a, img.affine), tmp_path / f"border_{k:04d}.nii.gz")
+    case = nn_.find_cases(tmp_path, None, fold0.channels, fold0.file_ending)[0]
+    pre = fold0.preprocess(case)
+    assert tuple(pre.data.shape[1:]) == (fx.TEST_SHAPE[2] - 2, fx.TEST_SHAPE[1] - 3, fx.TEST_SHAPE[0] - 5)  # z, y, x
+    logits = fold0.predict_logits(pre.data)
+    theirs = fold0.segmentation(logits, pre.properties)  # nnU-Net's export (its reader's axis order)
+    geo = fold0.geometry(case, pre.properties)
+    assert geo.shape == nib.load(case.images[0]).shape
+    for c in (1, 2):
+        ours = geo.original((logits.argmax(0) == c).numpy().astype(np.uint8), 0)
+        np.testing.assert_array_equal(ours, (theirs == c).transpose(2, 1, 0).astype(np.uint8))
+        assert ours[:5].sum() == 0 and ours[5:].sum() > 0

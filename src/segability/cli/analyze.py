@@ -58,8 +58,15 @@ def analyze_command(
     err = Console(stderr=True, soft_wrap=True)
     console = Console(soft_wrap=True)
     if files.nnunet is not None:
+        try:
+            keep_maps = _export_keep(export_maps, keep_maps, out, resume or force, err)
+        except UsageError as exc:
+            fail(err, usage_message(exc))
+        except FileExistsError as exc:
+            fail(err, usage_message(exc, argument="out"))
         return _analyze_nnunet(files, out, err, console, units=units, guide=guide, keep_maps=keep_maps, resume=resume,
-                               force=force, report=not no_report, progress=not no_progress, debug=debug)  # fmt: skip
+                               force=force, report=not no_report, progress=not no_progress, debug=debug,
+                               export_maps=export_maps == "nifti")  # fmt: skip
     try:
         from segability.batch import analyze_files
 

@@ -178,6 +178,55 @@ class NnUNetModel:
             logits, p.plans_manager, p.configuration_manager, p.label_manager, properties
         )
 
+    def to_original(self, array: np.ndarray, properties: dict[str, Any], order: int = 0) -> np.ndarray:
+        """A map on nnU-Net's grid (*S) in the original geometry, in the reader's axis order: nnU-Net's
+        export steps (resample to the cropped shape, put into the crop's bounding box, transpose back).
+
+        Args:
+            order: 0 for a label map (nnU-Net's segmentation resampling), 1 for a probability (linear).
+        """
+        from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
+        from nnunetv2.preprocessing.resampling.default_resampling import (
+            resample_data_or_seg_to_shape,
+        )
+
+        pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
+        target_spacing = [properties["spacing"][i] for i in pm.transpose_forward]
+        shape = properties["shape_after_cropping_and_before_resampling"]
+        a = np.asarray(array, dtype=np.float32)[None]
+        if order == 0:
+            a = resample_data_or_seg_to_shape(a, shape, cm.spacing, target_spacing, is_seg=True, order=1)
+        else:
+            a = resample_data_or_seg_to_shape(a, shape, cm.spacing, target_spacing, is_seg=False, order=1)
+        a = np.asarray(a[0])
+        full = np.zeros(properties["shape_before_cropping"], dtype=np.uint8 if order == 0 else np.float32)
+        full[bounding_box_to_slice(properties["bbox_used_for_cropping"])] = a
+        return full.transpose(pm.transpose_backward)
+
+    def geometry(self, case: NnUNetCase, properties: dict[str, Any]) -> Any:
+        """The case's :class:`segability.io.export.Geometry`: the channel-0 file's affine and shape (as
+        nibabel reads it) and :meth:`to_original`, so exported maps overlay the input.
+
+        Raises:
+            UsageError: the plans' reader is not one whose axis order is known here (SimpleITKIO, NibabelIO).
+        """
+        import nibabel as nib
+
+        from segability.io.export import Geometry
+
+        reader = self.predictor.plans_manager.image_reader_writer_class.__name__
+        if reader not in ("SimpleITKIO", "NibabelIO"):
+            raise UsageError(f"export_maps: the plans read images with {reader}; maps can be exported for SimpleITKIO "
+                             "and NibabelIO plans", argument="export_maps")  # fmt: skip
+        img = nib.load(case.images[0])
+        shape = tuple(int(n) for n in img.shape[:3])
+        axes = (2, 1, 0) if reader == "SimpleITKIO" else (0, 1, 2)  # SimpleITK's arrays are z, y, x
+
+        def to_original(array: np.ndarray, order: int) -> np.ndarray:
+            return self.to_original(array, properties, order).transpose(axes)
+
+        return Geometry(np.asarray(img.affine), shape, to_original)
+
     def write_segmentation(self, segmentation: np.ndarray, properties: dict[str, Any], path: str | Path) -> Path:
         """Write a label map in the original geometry with nnU-Net's reader/writer (the input's header)."""
         rw = self.predictor.plans_manager.image_reader_writer_class()
@@ -534,9 +583,13 @@ def _merge_folds(results: list[tuple[int | str, Any]]) -> Any:
             u["layer"] = f"fold_{fold}/" + u["layer"].astype(str)
             unit_frames.append(u)
         for image, entry in res.maps.items():
-            merged = maps.setdefault(image, {**entry, "layers": {}})
-            for name, m in entry.get("layers", {}).items():
-                merged["layers"][name if name == INPUT else f"fold_{fold}/{name}"] = m
+            merged = maps.setdefault(image, {**entry, "layers": {}, "classes": {}})
+            for part, into in [(entry, merged), *((p, merged["classes"].setdefault(c, {**p, "layers": {}}))
+                                                 for c, p in (entry.get("classes") or {}).items())]:  # fmt: skip
+                for name, m in (part.get("layers") or {}).items():
+                    into["layers"][name if name == INPUT else f"fold_{fold}/{name}"] = m
+            if not merged["classes"]:
+                merged.pop("classes")
     layers = typed(pd.concat(frames, ignore_index=True), LAYERS)
     first = results[0][1]
     keys = [k for k in ("image", "class") if k in first.images.columns]
@@ -573,6 +626,7 @@ def analyze_nnunet(
     guide: str = "prediction",
     units: bool = False,
     keep_maps: int = 0,
+    export_maps: bool = False,
     force: bool = False,
     mirroring: bool = True,
     progress: Callable[..., None] | None = None,
@@ -593,6 +647,8 @@ def analyze_nnunet(
         folds, checkpoint, device, mirroring: see :func:`load_nnunet`.
         layers, classes, target, guide, units: see :func:`analyze_case`.
         keep_maps: keep the maps of the first ``keep_maps`` cases (``maps.npz``).
+        export_maps: also write the kept maps as NIfTI files in each input's geometry
+            (``out/maps/<case>/``, :func:`segability.io.export.export_maps` with :meth:`NnUNetModel.geometry`).
         force: replace earlier results in ``out``.
         progress: called with ``(1, failed=0 or 1)`` after each case.
 
@@ -633,13 +689,15 @@ def analyze_nnunet(
         raise FileExistsError(f"{folder_out} already holds results ({', '.join(existing)}); use --force to replace them")
     predictions = folder_out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
-    done, errors, settings = [], [], {}
+    done, errors, settings, geometry, files = [], [], {}, {}, {}
     for k, case in enumerate(cases):
         try:
             res, pre, logits = analyze_case(model, case, layers=layers, classes=classes, target=target, guide=guide,
                                             units=units, keep_maps=k < keep_maps)  # fmt: skip
             seg = model.segmentation(logits, pre.properties)
             model.write_segmentation(seg, pre.properties, predictions / f"{case.case}{model.file_ending}")
+            if export_maps and k < keep_maps:
+                geometry[case.case], files[case.case] = model.geometry(case, pre.properties), str(case.images[0])
             res.images["file"] = str(case.images[0])
             res.images["label_file"] = None if case.label is None else str(case.label)
             done.append(res)
@@ -667,6 +725,10 @@ def analyze_nnunet(
     if (folder_out / "errors.csv").exists():
         (folder_out / "errors.csv").unlink()
     result.save(folder_out, overwrite=force or not existing)
+    if export_maps and geometry:
+        from segability.io.export import export_maps as write_maps
+
+        write_maps(result, folder_out / "maps", geometry, overwrite=force, files=files)
     errors_df = typed(pd.DataFrame(errors), ERRORS) if errors else empty_table(ERRORS)
     if errors:
         write_table(errors_df, folder_out / "errors.csv", ERRORS)
