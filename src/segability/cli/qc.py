@@ -539,7 +539,7 @@ def evaluate_qc_command(
     n_shift: int = typer.Option(24, "--n-shift", help="With --demo: source slices of the shifted suite."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="With --demo: data cache."),
     ensemble_weights: list[Path] | None = typer.Option(
-        None, "--ensemble-weights", help="Weights of another member of a deep ensemble: the same architecture as the "
+        None, "--ensemble-weights", metavar="FILE", help="Weights of another member of a deep ensemble: the same architecture as the "
         "model, other weights (repeat the flag). Adds ensemble_dice (mean pairwise Dice of the members' predictions; "
         "the model is member 0, its outputs are the ones ranked) and ensemble_entropy to the comparison."),
 ) -> None:
