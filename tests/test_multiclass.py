@@ -220,3 +220,23 @@ def test_cli_classes_and_class_names_equal_per_target_runs(tmp_path):
     assert bad.exit_code == 2 and "--class-names" in bad.output
     qc = runner.invoke(app, ["calibrate", *base[1:-2], "--out", str(tmp_path / "cal.json"), "--classes", "all"])
     assert qc.exit_code == 2 and "--target" in qc.output
+
+
+def test_report_of_a_multi_class_run_has_a_layer_view_per_class(tmp_path):
+    import re
+
+    from segability.report import build_report
+
+    net = ThreeClassNet()
+    x, y = _images(n=3)
+    res = segability.analyze(net, x, y, classes="all", class_names={1: "gm", 2: "wm"}, keep_maps=1)
+    res.save(tmp_path / "run")
+    page = build_report(tmp_path / "run").read_text()
+    titles = re.findall(r"<h2[^>]*>([^<]*)", page)
+    assert "SA per layer — class 1 (gm)" in titles and "SA per layer — class 2 (wm)" in titles
+    # each class's view holds that class's mean SA of the head layer (3 decimals), not the mixture
+    for c in (1, 2):
+        section = page[page.index(f'id="sa-layers-class-{c}"') :]
+        section = section[: section.index("</section>")]
+        mean = res.layers[(res.layers["class"] == c) & (res.layers["layer"] == "head")]["sa"].mean()
+        assert f"{mean:.3f}" in section

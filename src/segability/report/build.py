@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from segability.report.folder import Finding, MapStore, parse_findings, read_result_folder
+import pandas as pd
+
+from segability.analysis.results import CLASS_KEYS
+from segability.report.folder import (
+    Finding,
+    MapStore,
+    ResultFolder,
+    parse_findings,
+    read_result_folder,
+)
 from segability.report.page import _made_by_report, _page
 from segability.report.sections.failures import _failed_section, _nothing_analysed_section
 from segability.report.sections.findings import _findings_section
@@ -115,7 +125,6 @@ def build_report(
         return out_path
 
     order = layer_order(folder.layers)
-    summary = layer_summary(folder.layers)
     n_layers = sum(1 for n in order if n != "input")
     model = folder.settings.get("model")
     page_title = title or (
@@ -126,13 +135,19 @@ def build_report(
     maps = MapStore(folder.maps_path) if folder.maps_path is not None else None
     try:
         chosen, skipped = _choose_images(maps, images, max_images)
+        layer_views, unit_views = [], []  # a multi-class run: these two views for every class
+        for suffix, title_suffix, view in _class_views(folder):
+            for views, section in ((layer_views, _layers_section(view, layer_summary(view.layers), statements)),
+                                   (unit_views, _units_section(view, maps, chosen, order, slice_index))):  # fmt: skip
+                if section is not None:
+                    views.append(dataclasses.replace(section, id=section.id + suffix, title=section.title + title_suffix))
         sections = [
             s
             for s in (
                 _findings_section(statements, folder),
-                _layers_section(folder, summary, statements),
+                *layer_views,
                 _maps_section(folder, maps, chosen, skipped, order, slice_index),
-                _units_section(folder, maps, chosen, order, slice_index),
+                *unit_views,
                 _quality_section(folder, maps, slice_index),
                 _failed_section(folder),
                 _history_section(folder, order),
@@ -145,6 +160,25 @@ def build_report(
             maps.close()
     _write(out_path, _page(page_title, _header(folder, page_title, n_layers), sections))
     return out_path
+
+
+def _class_views(folder: ResultFolder) -> list[tuple[str, str, ResultFolder]]:
+    """``(anchor suffix, title suffix, folder view)`` per class of a multi-class run (tables of
+    that class only, without the class columns); the folder itself for a single-target run."""
+    if "class" not in folder.layers.columns:
+        return [("", "", folder)]
+
+    def only(df: pd.DataFrame | None, c: int) -> pd.DataFrame | None:
+        if df is None or "class" not in df.columns:
+            return df
+        return df[df["class"] == c].drop(columns=[k for k in CLASS_KEYS if k in df.columns]).reset_index(drop=True)
+
+    names = folder.layers.groupby("class", sort=True)["class_name"].first()
+    return [
+        (f"-class-{int(c)}", f" — class {int(c)} ({name})",
+         dataclasses.replace(folder, layers=only(folder.layers, c), images=only(folder.images, c), units=only(folder.units, c)))
+        for c, name in names.items()
+    ]  # fmt: skip
 
 
 def _write(out_path: Path, page: str) -> None:
