@@ -140,13 +140,13 @@ def test_unetr_transformer_tokens_are_scored_like_monai_proj_feat():
     pdt.assert_frame_equal(res.layers, explicit.layers)
 
 
-def test_unetr_2d_every_convolution():
+def test_unetr_2d_every_convolution_and_vit_block():
     pytest.importorskip("einops", reason="MONAI's ViT blocks need einops")
     torch.manual_seed(0)
     net = monai_nets.UNETR(1, 1, (32, 32), feature_size=4, hidden_size=24, mlp_dim=32, num_heads=2, spatial_dims=2)
     x = torch.rand(2, 1, 32, 32)
     res = analyze(net, x, blob_labels(x.shape), guide="label")
-    check_rows(res, 2, conv_names(net))
+    check_rows(res, 2, conv_names(net) + [f"vit.blocks.{i}" for i in range(12)])  # the default: blocks too
     assert res.layers["sa"].notna().all()
 
 
