@@ -210,3 +210,14 @@ def test_exported_maps_match_monai_inverting_the_bundle_preprocessing(data, tmp_
     assert kept.shape == tuple(x.shape[1:])
     back = pre.inverse({"image": MetaTensor(torch.as_tensor(kept)[None], meta=x.meta, applied_operations=x.applied_operations)})
     np.testing.assert_allclose(np.asarray(nib.load(case / "probability.nii.gz").dataobj), back["image"][0].numpy(), atol=1e-5)
+
+
+def test_layers_lists_the_bundle_network_and_bundle_excludes_nnunet(data, tmp_path):
+    result = run("layers", "--bundle", data["bundle"])
+    assert result.exit_code == 0, result.output
+    for name in LAYERS.split(","):
+        assert name in result.output
+    assert run("layers", "--bundle", data["bundle"], "--model", "x.py:f").exit_code == 2
+    both = run("analyze", "--bundle", data["bundle"], "--nnunet", tmp_path, "--images", data["root"] / "images",
+               "--out", tmp_path / "run")  # fmt: skip
+    assert both.exit_code == 2 and "leave out --nnunet" in both.output

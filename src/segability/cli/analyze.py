@@ -216,6 +216,7 @@ def unexpected(err: Any, exc: Exception, debug: bool) -> NoReturn:
 def layers_command(
     model: str | None = typer.Option(None, "--model", help="Model factory: path/to/file.py:factory or package.module:factory."),
     nnunet: Path | None = typer.Option(None, "--nnunet", help="nnU-Net v2 results folder instead of --model: its network's layers."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="MONAI bundle folder instead of --model: its network_def's layers."),
     fold: list[str] | None = typer.Option(None, "--fold", help="nnU-Net fold whose weights to load (default: the first present)."),
     checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="nnU-Net checkpoint file in the fold folder."),
     weights: Path | None = typer.Option(None, "--weights", help="State dict file (read with weights_only=True)."),
@@ -236,9 +237,13 @@ def layers_command(
         from segability import list_layers
         from segability.io import load_model, parse_model_args, parse_shape
 
-        if (model is None) == (nnunet is None):
-            raise UsageError("give --model or --nnunet (one of them)", argument="model")
-        if nnunet is not None:
+        if sum(v is not None for v in (model, nnunet, bundle)) != 1:
+            raise UsageError("give one of --model, --nnunet or --bundle", argument="model")
+        if bundle is not None:
+            from segability.io.bundle import load_bundle
+
+            net, _ = load_bundle(bundle, device=device)
+        elif nnunet is not None:
             from segability.cli.options import split_list
             from segability.integrations.nnunet import default_layers, load_nnunet
 

@@ -187,7 +187,7 @@ class FileOptions:
             return self
         from segability.io.bundle import BUNDLE_FACTORY, load_bundle
 
-        clash = [flag(n) for n in ("model", "weights", "model_arg") if getattr(self, n)]
+        clash = [flag(n) for n in ("model", "weights", "model_arg", "nnunet") if getattr(self, n)]
         if clash:
             raise UsageError(f"bundle brings the network and its weights: leave out {', '.join(clash)}", argument="bundle")
         _, info = load_bundle(self.bundle)
