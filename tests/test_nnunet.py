@@ -298,3 +298,10 @@ def test_geometry_is_nnunets_way_back(fold0, raw, tmp_path):
         ours = geo.original((logits.argmax(0) == c).numpy().astype(np.uint8), 0)
         np.testing.assert_array_equal(ours, (theirs == c).transpose(2, 1, 0).astype(np.uint8))
         assert ours[:5].sum() == 0 and ours[5:].sum() > 0
+
+
+def test_unreadable_checkpoint(results, tmp_path):
+    bad = _copy(results, tmp_path)
+    (bad / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    e = _error(nn_.load_nnunet, bad, [0])
+    assert e.argument == "checkpoint" and "checkpoint_final.pth" in str(e)

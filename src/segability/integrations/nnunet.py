@@ -310,6 +310,7 @@ def load_nnunet(
     device: str | torch.device = "cpu",
     mirroring: bool = True,
     tile_step_size: float = 0.5,
+    trust_pickle: bool = False,
 ) -> NnUNetModel:
     """Load an nnU-Net v2 results folder with nnU-Net's own predictor.
 
@@ -326,6 +327,8 @@ def load_nnunet(
         device: where the network runs.
         mirroring: test-time mirroring along the axes the checkpoint allows (nnU-Net's default).
         tile_step_size: nnU-Net's sliding-window step, as a fraction of the patch size.
+        trust_pickle: unpickle checkpoints that hold more than tensors, NumPy scalars and plain
+            Python values (nnU-Net's own loader always unpickles; only for folders you trust).
 
     Raises:
         UsageError: nnunetv2 missing; no such folder; not a results folder (name, ``plans.json``,
@@ -336,6 +339,8 @@ def load_nnunet(
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from segability.io.models import _torch_load
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -369,10 +374,7 @@ def load_nnunet(
         if not path.is_file():
             raise UsageError(f"checkpoint: {path} does not exist (checkpoints in fold_{f}: {present[str(f)] or 'none'})",
                              argument="checkpoint")  # fmt: skip
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a truncated or foreign file: say which
-            raise UsageError(f"checkpoint: {path} cannot be read as an nnU-Net checkpoint: {exc}", argument="checkpoint") from exc
+        ckpt = _torch_load(path, "checkpoint", trust_pickle)  # tensors and NumPy scalars only, unless trusted
         if not isinstance(ckpt, dict) or not {"network_weights", "init_args", "trainer_name"} <= set(ckpt):
             raise UsageError(f"checkpoint: {path} is not an nnU-Net v2 checkpoint (it needs network_weights, init_args, "
                              "trainer_name)", argument="checkpoint")  # fmt: skip
@@ -390,6 +392,10 @@ def load_nnunet(
     label_manager = plans_manager.get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise UsageError("nnunet: region-based nnU-Net models (dataset.json 'regions_class_order') are not supported yet",
+                         argument="nnunet")  # fmt: skip
+    if configuration_manager.previous_stage_name is not None:
+        raise UsageError(f"nnunet: {configuration} is a cascade stage (it takes the segmentation of "
+                         f"{configuration_manager.previous_stage_name}); analyse a 3d_fullres or 3d_lowres folder",
                          argument="nnunet")  # fmt: skip
     if len(configuration_manager.patch_size) != 3:
         raise UsageError(f"nnunet: the {configuration} configuration is 2D (slice by slice); analyse a 3D configuration "
