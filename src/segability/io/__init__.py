@@ -22,7 +22,7 @@ from segability.io.models import (
     parse_shape,
 )
 from segability.io.preprocess import build_preprocess, load_preprocess
-from segability.io.reading import load_item, read_image
+from segability.io.reading import load_item, read_channels, read_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,5 +44,6 @@ __all__ = [
     "pair_labels",
     "parse_model_args",
     "parse_shape",
+    "read_channels",
     "read_image",
 ]
