@@ -565,9 +565,6 @@ def evaluate_qc_command(
                                                   ensemble_weights=ensemble_weights or [])  # fmt: skip
             out.mkdir(parents=True, exist_ok=True)
         else:
-            if files.nnunet is not None:
-                raise UsageError("evaluate-qc's baselines run the model on segability's own reading of the images, not "
-                                 "nnU-Net's pipeline: with --nnunet use calibrate and qc", argument="nnunet")  # fmt: skip
             analysis = _analysis(files, run=run, out=out, resume=resume, force=force, progress=not no_progress, need_labels=True)
             out.mkdir(parents=True, exist_ok=True)
             ev = _evaluate_files(analysis, files, seed_list, threshold, progress=not no_progress,
@@ -630,6 +627,8 @@ def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int
     from segability.progress import progress_bar
 
     result, settings = analysis.result, analysis.result.settings
+    if settings.get("nnunet"):
+        return _evaluate_nnunet(analysis, seeds, threshold, progress=progress, ensemble_weights=ensemble_weights)
     preprocess = _run_preprocess(analysis, "the baselines")
     device = files.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = analysis.model()
@@ -650,6 +649,27 @@ def _evaluate_files(analysis: _Analysis, files: opt.FileOptions, seeds: list[int
     if members:
         items = ((image, load_item(file, None, preprocess)[0].to(device).float()) for image, file in rows)
         base = base.merge(_ensemble_scores(members, items, settings, output_key, len(rows), progress=progress), on="image")
+    with _judged():
+        return compare_qc(result, base, seeds=seeds, threshold=threshold)
+
+
+def _evaluate_nnunet(analysis: _Analysis, seeds: list[int], threshold: float, *, progress: bool,
+                    ensemble_weights: list[Path]) -> Any:  # fmt: skip
+    """The comparison on an ``--nnunet`` run: the baselines on nnU-Net's prediction (its preprocessing,
+    sliding window, mirroring and folds), one case at a time."""
+    from segability.estimation.qc import compare_qc, stream_baseline_scores
+    from segability.integrations.nnunet import NnUNetInference, case_of_file, load_nnunet
+    from segability.progress import progress_bar
+
+    if ensemble_weights:
+        raise UsageError("--ensemble-weights: an nnU-Net run's ensemble is its folds (--fold)", argument="ensemble_weights")
+    src, result = analysis.source, analysis.result
+    model = load_nnunet(src.nnunet, opt.split_list(src.fold) or None, src.checkpoint, device=src.device or "cpu")
+    rows = list(zip(result.images["image"].astype(str), result.images["file"].astype(str), strict=True))
+    items = ((image, model.preprocess(case_of_file(model, file)).data) for image, file in rows)
+    with progress_bar(progress, len(rows), "baselines") as advance:
+        base = stream_baseline_scores(NnUNetInference(model), items, output="softmax", target=result.settings.get("target"),
+                                      device="cpu", progress=advance)  # fmt: skip
     with _judged():
         return compare_qc(result, base, seeds=seeds, threshold=threshold)
 
