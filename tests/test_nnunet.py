@@ -254,11 +254,11 @@ def test_cli_layers_lists_the_networks_modules(results):
 def test_qc_commands_route_nnunet(results, raw, tmp_path):
     base = ["--nnunet", str(results), "--fold", "0", "--images", str(raw / "imagesTs"), "--labels", str(raw / "labelsTs"),
             "--no-progress"]  # fmt: skip
-    # the gate estimates one class's Dice: two foreground labels need --target
+    # the gate (and evaluate-qc's comparison) estimates one class's Dice: two foreground labels need --target
     res = runner.invoke(app, ["calibrate", *base, "--out", str(tmp_path / "cal.json")])
     assert res.exit_code == 2 and "--target" in res.output and "'gm'" in res.output
     res = runner.invoke(app, ["evaluate-qc", *base, "--out", str(tmp_path / "ev")])
-    assert res.exit_code == 2 and "--nnunet" in res.output
+    assert res.exit_code == 2 and "--target" in res.output
 
 
 def test_exported_maps_overlay_the_input(cli_run, raw):
@@ -305,3 +305,20 @@ def test_unreadable_checkpoint(results, tmp_path):
     (bad / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
     e = _error(nn_.load_nnunet, bad, [0])
     assert e.argument == "checkpoint" and "checkpoint_final.pth" in str(e)
+
+
+def test_baselines_see_nnunets_prediction(fold0, raw):
+    """evaluate-qc's baselines call the model on an image: NnUNetInference is nnU-Net's prediction."""
+    from segability.estimation.qc import stream_baseline_scores
+
+    case = nn_.case_of_file(fold0, raw / "imagesTs" / "test_000_0000.nii.gz")
+    assert [f.name for f in case.images] == ["test_000_0000.nii.gz", "test_000_0001.nii.gz"]
+    pre = fold0.preprocess(case)
+    net = nn_.NnUNetInference(fold0)
+    torch.testing.assert_close(net(pre.data[None])[0], fold0.predict_logits(pre.data))
+    table = stream_baseline_scores(net, [("test_000", pre.data)], output="softmax", target=2, tta=False)
+    # the entropy baseline of nnU-Net's softmax, by hand: minus the mean binary entropy of class 2's probability
+    p = torch.softmax(fold0.predict_logits(pre.data).double(), 0)[2].clamp(1e-12, 1 - 1e-12)
+    by_hand = float((p * p.log() + (1 - p) * (1 - p).log()).mean())
+    assert table["image"].tolist() == ["test_000"]
+    assert table["entropy"].iloc[0] == pytest.approx(by_hand, abs=1e-4)

@@ -47,6 +47,8 @@ __all__ = [
     "load_nnunet",
     "find_cases",
     "default_layers",
+    "case_of_file",
+    "NnUNetInference",
     "analyze_case",
     "analyze_nnunet",
 ]
@@ -481,6 +483,38 @@ def find_cases(
         label = None if lab is None else lab / f"{case}{ending}"
         cases.append(NnUNetCase(case, files, label if label is not None and label.is_file() else None))
     return cases
+
+
+def case_of_file(model: NnUNetModel, file: str | Path, label: str | Path | None = None) -> NnUNetCase:
+    """The case whose channel-0 file is ``file`` (``CASE_0000<ending>``), with its other channel files.
+
+    Raises:
+        UsageError: a file not named as nnU-Net's channel 0, or a missing channel file.
+    """
+    path = Path(file)
+    suffix = f"_0000{model.file_ending}"
+    if not path.name.endswith(suffix):
+        raise UsageError(f"images: {path.name} is not named as nnU-Net's channel 0 (CASE{suffix})", argument="images")
+    case = path.name[: -len(suffix)]
+    found = find_cases(path, None, model.channels, model.file_ending)
+    return NnUNetCase(case, found[0].images, None if label is None else Path(label))
+
+
+class NnUNetInference(nn.Module):
+    """nnU-Net's prediction as a module: preprocessed images (B, C, *S) -> logits (B, K, *S), each
+    through :meth:`NnUNetModel.predict_logits` (Gaussian sliding window, mirroring, folds). For the
+    label-free baselines (entropy, confidence, flips) that call a model on an image.
+
+    The network is a sub-module, so ``modules()`` sees its layers (nnU-Net's have no dropout).
+    """
+
+    def __init__(self, model: NnUNetModel):
+        super().__init__()
+        self.network = model.network
+        self._model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._model.predict_logits(xi.float().cpu()) for xi in x]).to(x.device)
 
 
 def default_layers(network: nn.Module) -> list[str]:
