@@ -157,12 +157,15 @@ def run_nnunet(files: FileOptions, out: Path, *, progress: bool, **kwargs: Any) 
     Raises:
         UsageError: a bad option, folder or file (see :func:`segability.cli.options.nnunet_kwargs`).
     """
+    import torch
+
     from segability.cli.options import nnunet_kwargs
     from segability.integrations.nnunet import analyze_nnunet, find_cases, load_nnunet
     from segability.progress import progress_bar
 
     args = nnunet_kwargs(files)
-    model = load_nnunet(args["folder"], args["folds"], args["checkpoint"], device=args["device"] or "cpu")
+    device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_nnunet(args["folder"], args["folds"], args["checkpoint"], device=device)
     n = len(find_cases(args["images"], args["labels"], model.channels, model.file_ending))
     for name in ("folder", "folds", "checkpoint", "device"):
         args.pop(name)
