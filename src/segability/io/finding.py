@@ -285,7 +285,7 @@ def _no_pair_message(by_stem: dict[str, Path], label_by_stem: dict[str, Path], l
     return (
         f"{argument}: no image pairs with a label, so nothing would be scored against a label. Image stems: "
         f"{images}{' ...' if len(by_stem) > 5 else ''}; label stems{suffix}: {labels}{' ...' if len(label_by_stem) > 5 else ''}. "
-        f"Pairing rules: {PAIRING_RULES}. Leave {argument} out for a label-free run."
+        f"Pairing rules: {PAIRING_RULES}. For a label-free run, give no labels."
     )
 
 
