@@ -217,7 +217,7 @@ def test_profile_qc_flags_the_review_budget_with_reasons(files, profile_calibrat
                "--review-fraction", "0.25", "--no-report", "--no-progress")
     assert res.exit_code == 0, res.output
     table = read_table(out / "qc.csv", QC)
-    assert list(table.columns[: len(QC.names)]) == list(QC.names) and len(table) == 16
+    assert list(table.columns[: len(QC.base_names)]) == list(QC.base_names) and len(table) == 16
     # ceil(0.25 * 16) = 4 least trusted; out-of-range images are flagged in any case (and come first)
     assert int(table["flag"].sum()) == max(math.ceil(0.25 * 16), int(table["out_of_range"].sum()))
     assert set(table["status"]) <= {s.value for s in FlagStatus}

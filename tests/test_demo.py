@@ -71,7 +71,7 @@ def test_reduced_demo_writes_a_complete_run_folder(demo_run):
     assert per_layer, "the layer findings name the clean images they are computed on"
     # qc.csv follows the QC schema: every column named by what it holds, a status per verdict
     qc = read_table(out / "qc.csv", QC)
-    assert list(qc.columns[: len(QC.names)]) == list(QC.names)
+    assert list(qc.columns[: len(QC.base_names)]) == list(QC.base_names)
     assert {"mean_sa_pred", "input_sa_pred", "dice", "out_of_range"} <= set(qc.columns)
     assert set(qc["status"]) <= {s.value for s in FlagStatus}
     assert (qc["flag"] == (qc["status"] != FlagStatus.OK)).all()

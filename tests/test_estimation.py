@@ -383,7 +383,7 @@ def gate_images() -> pd.DataFrame:
 
 def test_gate_reasons_on_hand_built_table():
     g = quality_gate(gate_images(), linear_cal(radius=0.1, input_threshold=0.5))
-    assert g.columns.tolist() == [*QC.names, "mean_sa_pred", "input_sa_pred", "input_sa", "input_sa_source"]
+    assert g.columns.tolist() == [*QC.base_names, "mean_sa_pred", "input_sa_pred", "input_sa", "input_sa_source"]
     by = g.set_index("image")
     assert by.status.to_dict() == {"ok": "ok", "hard": "low_input_sa", "fails": "model_fails", "empty": "empty_prediction",
                                    "border": "ok", "nolabel": "low_input_sa", "noinput": "no_input_sa"}

@@ -218,7 +218,8 @@ def test_cli_classes_and_class_names_equal_per_target_runs(tmp_path):
         np.testing.assert_allclose(mine["sa_pred"], one.layers["sa_pred"], atol=1e-6)
     bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--class-names", "liver"])
     assert bad.exit_code == 2 and "--class-names" in bad.output
-    qc = runner.invoke(app, ["calibrate", *base[1:-2], "--out", str(tmp_path / "cal.json"), "--classes", "all"])
+    qc = runner.invoke(app, ["calibrate", *base[1:-2], "--out", str(tmp_path / "cal.json"), "--classes", "all",
+                             "--estimator", "profile"])  # fmt: skip
     assert qc.exit_code == 2 and "--target" in qc.output
 
 
@@ -240,3 +241,49 @@ def test_report_of_a_multi_class_run_has_a_layer_view_per_class(tmp_path):
         section = section[: section.index("</section>")]
         mean = res.layers[(res.layers["class"] == c) & (res.layers["layer"] == "head")]["sa"].mean()
         assert f"{mean:.3f}" in section
+
+
+def test_per_class_gate_equals_the_gate_of_each_target(tmp_path):
+    """calibrate/qc --classes: each class's calibration and gate rows equal those of a --target run."""
+    from typer.testing import CliRunner
+
+    from segability.cli.app import app
+    from segability.estimation.per_class import ClassCalibrations, fit_class_calibrations, gate_classes
+    from segability.estimation.qc import fit_calibration, gate_result
+
+    net = ThreeClassNet()
+    x, y = _images(n=12, seed=11)
+    x = x + 0.6 * torch.randn_like(x) * torch.linspace(0, 1, 12).view(-1, 1, 1, 1)  # from clean to noisy
+    multi = segability.analyze(net, x, y, classes="all", class_names={1: "gm", 2: "wm"})
+    cals = fit_class_calibrations(net, multi, method="linear")
+    cals.save(tmp_path / "cal.json")
+    back = ClassCalibrations.load(tmp_path / "cal.json")
+    gate = gate_classes(multi, back, threshold=0.8)
+    assert list(gate.columns[:3]) == ["image", "class", "class_name"] and len(gate) == 2 * len(x)
+    for c in (1, 2):
+        one = segability.analyze(net, x, y, target=c)
+        cal = fit_calibration(net, one, method="linear")
+        assert back.classes[c].parameters == pytest.approx(cal.parameters)
+        mine = gate[gate["class"] == c].drop(columns=CLASS_COLUMNS).reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, gate_result(one, cal, threshold=0.8), check_exact=False, atol=1e-9)
+
+    # the CLI: calibrate --classes, then qc takes the classes from the calibration
+    (tmp_path / "nets.py").write_text(NETS)
+    for sub in ("img", "lab"):
+        (tmp_path / sub).mkdir()
+    for i in range(len(x)):
+        np.save(tmp_path / "img" / f"case{i:02d}.npy", x[i].numpy())
+        np.save(tmp_path / "lab" / f"case{i:02d}.npy", y[i : i + 1].numpy().astype(np.uint8))
+    model = ["--model", f"{tmp_path / 'nets.py'}:three_class", "--images", str(tmp_path / "img"), "--no-progress"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["calibrate", *model, "--labels", str(tmp_path / "lab"), "--classes", "all",
+                              "--method", "linear", "--out", str(tmp_path / "cli.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "class 1 (1)" in res.output and "class 2 (2)" in res.output
+    res = runner.invoke(app, ["qc", *model, "--calibration", str(tmp_path / "cli.json"), "--out", str(tmp_path / "qc"), "--no-report"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "qc" / "qc.csv")
+    assert sorted(table["class"].unique()) == [1, 2] and len(table) == 2 * len(x)
+    res = runner.invoke(app, ["qc", *model, "--calibration", str(tmp_path / "cli.json"), "--classes", "1",
+                              "--out", str(tmp_path / "qc1"), "--no-report"])  # fmt: skip
+    assert res.exit_code == 2 and "calibration is for the classes [1, 2]" in res.output

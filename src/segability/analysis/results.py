@@ -47,6 +47,9 @@ __all__ = [
     "MapsArchive",
     "write_atomic",
     "layer_means",
+    "class_table",
+    "class_names",
+    "CLASS_KEYS",
 ]
 
 INPUT = "input"  # the layer name of the input image itself
@@ -88,6 +91,11 @@ class Schema:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    @property
+    def base_names(self) -> list[str]:
+        """The columns every such table has (without the optional ones)."""
+        return [c.name for c in self.columns if not c.optional]
 
 
 _STATUS = Column("status", "string", doc="why a score is undefined: ok, output_not_finite, features_not_finite, "
@@ -159,6 +167,8 @@ QC = Schema(
     "qc.csv",
     (
         Column("image", "string", key=True),
+        _CLASS,
+        _CLASS_NAME,
         Column("estimated_dice", "float64", True),
         Column("lower", "float64", True, doc="lower end of the estimate's interval"),
         Column("upper", "float64", True, doc="upper end of the estimate's interval"),
@@ -327,6 +337,22 @@ def layer_means(layers: pd.DataFrame) -> pd.DataFrame:
     return means.join(inputs, how="outer")
 
 
+def class_table(df: pd.DataFrame | None, c: int) -> pd.DataFrame | None:
+    """The rows of class ``c`` of a multi-class table, without the class columns (a table
+    without them, or None, as it is): what a single-target run with ``target=c`` writes."""
+    if df is None or "class" not in df.columns:
+        return df
+    return df[df["class"] == c].drop(columns=[k for k in CLASS_KEYS if k in df.columns]).reset_index(drop=True)
+
+
+def class_names(df: pd.DataFrame) -> dict[int, str]:
+    """``{class: name}`` of a multi-class table, in class order (empty for a single-target table)."""
+    if "class" not in df.columns:
+        return {}
+    names = df.groupby("class", sort=True)["class_name"].first() if "class_name" in df.columns else None
+    return {int(c): (str(names[c]) if names is not None else str(c)) for c in sorted(df["class"].unique())}
+
+
 # -------------------------------------------------------------------------------------- maps
 def encode_maps(maps: Mapping[str, Mapping[str, Any]]) -> bytes:
     """The kept maps of one or more images as ``.npz`` bytes, in the folder's one key scheme.
@@ -486,6 +512,17 @@ class SAResult:
     units: pd.DataFrame | None = None
     maps: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def by_class(self) -> dict[int, tuple[str, SAResult]]:
+        """A multi-class result as ``{class: (name, single-target result)}`` (empty for a
+        single-target result); each equals a run with ``target=class``."""
+        out = {}
+        for c, name in class_names(self.layers).items():
+            maps = {i: {"image": e.get("image"), **e["classes"][c]} for i, e in self.maps.items() if c in e.get("classes", {})}
+            out[c] = (name, SAResult(layers=class_table(self.layers, c), images=class_table(self.images, c),
+                                     units=class_table(self.units, c), maps=maps,
+                                     settings={**self.settings, "target": c, "classes": None}))  # fmt: skip
+        return out
 
     def layer_summary(self) -> pd.DataFrame:
         """Mean, standard deviation and count of ``sa`` and ``sa_pred`` per layer, in forward order."""

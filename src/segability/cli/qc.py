@@ -23,6 +23,7 @@ Exit codes, as for ``analyze``: 0 every image analysed, 1 some image failed (lis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -119,9 +120,9 @@ def _analysis(
     """
     import pandas as pd
 
-    if files.classes:
-        raise UsageError("the quality gate estimates one class's Dice: calibrate and gate each class on its own with "
-                         "--target (a multi-class run's per-class SA is in `segability analyze --classes`)", argument="classes")  # fmt: skip
+    if files.classes and files.nnunet is not None:
+        raise UsageError("the quality gate of an nnU-Net model estimates one class's Dice: give --target (a multi-class "
+                         "run's per-class SA is in `segability analyze --nnunet`)", argument="classes")  # fmt: skip
     if run is not None:
         given = files.given(opt.ANALYSIS_FIELDS)
         if given:
@@ -285,6 +286,7 @@ def qc_command(
 
     from segability.analysis.results import QC, write_table
     from segability.estimation.calibration import fingerprint, state_dict_hash
+    from segability.estimation.per_class import ClassCalibrations, gate_classes
     from segability.estimation.qc import (
         ProfileCalibration,
         gate_result,
@@ -296,6 +298,15 @@ def qc_command(
     except (ValueError, OSError) as exc:
         fail(err, f"--calibration: {exc}")
     profile = isinstance(cal, ProfileCalibration)
+    per_class = isinstance(cal, ClassCalibrations)
+    if per_class:  # the analysis scores the calibration's classes
+        given = opt.split_list(files.classes)
+        if given and sorted(map(str, given)) != sorted(map(str, cal.classes)):
+            fail(err, f"--classes {','.join(given)}: the calibration is for the classes {sorted(cal.classes)}")
+        if run is None:
+            files = dataclasses.replace(files, classes=[",".join(map(str, cal.classes))], target=None)
+    elif files.classes:
+        fail(err, "--classes needs a calibration made with --classes (one per class); this one estimates one class's Dice")
     if profile and use_lower:
         fail(err, "--use-lower applies to a mean-SA calibration; a profile calibration gates by --review-fraction or --threshold")
     if not profile and review_fraction is not None:
@@ -308,7 +319,7 @@ def qc_command(
     try:
         net = _load_model(_run_source(files, run) if run is not None else files)
         with _judged():
-            if profile:
+            if profile or per_class:
                 cal.check_model(net)
             else:
                 cal.check_fingerprint(fingerprint(state_dict_hash(net), cal.layers))
@@ -325,6 +336,8 @@ def qc_command(
         with _judged():
             if profile:
                 table = _profile_gate(analysis, cal, net, review_fraction, threshold, progress=not no_progress)
+            elif per_class:
+                table = gate_classes(analysis.result, cal, threshold=threshold, use_lower=use_lower, failed=analysis.failed)
             else:
                 table = gate_result(analysis.result, cal, threshold=threshold, use_lower=use_lower, failed=analysis.failed)
     except (UsageError, FileExistsError) as exc:
@@ -335,12 +348,14 @@ def qc_command(
     flagged = table[table["flag"]]
     rule = [f"the {review_fraction:.0%} least trusted"] if profile and review_fraction is not None else []
     rule += [f"estimated Dice < {threshold}"] if threshold is not None else []
-    view = Table(title=f"Flagged: {len(flagged)} of {len(table)} images ({' or '.join(rule)})")
-    for col in ("image", "estimated_dice", "mean_sa_pred", "input_sa_pred", "status", "reason"):
+    what = "outputs (image and class)" if per_class else "images"
+    view = Table(title=f"Flagged: {len(flagged)} of {len(table)} {what} ({' or '.join(rule)})")
+    for col in ("image", *(["class"] if per_class else []), "estimated_dice", "mean_sa_pred", "input_sa_pred", "status", "reason"):
         view.add_column(col)
-    for row in flagged.itertuples(index=False):
-        view.add_row(literal(row.image), _number(row.estimated_dice), _number(row.mean_sa_pred), _number(row.input_sa_pred),
-                     row.status, literal(row.reason))  # fmt: skip
+    for row in flagged.to_dict("records"):
+        klass = [literal(f"{row['class']} ({row['class_name']})")] if per_class else []
+        view.add_row(literal(row["image"]), *klass, _number(row["estimated_dice"]), _number(row["mean_sa_pred"]),
+                     _number(row["input_sa_pred"]), row["status"], literal(row["reason"]))  # fmt: skip
     console.print(view)
     if not no_report:
         try:
@@ -476,13 +491,26 @@ def calibrate_command(
                              progress=not no_progress, need_labels=True)  # fmt: skip
         with _judged():
             if estimator == "profile":
+                if files.classes:
+                    raise UsageError("--estimator profile estimates one class's Dice: give --target, or use the "
+                                     "mean-SA estimator for every class at once", argument="classes")  # fmt: skip
                 cal = _fit_profile(analysis, shift_list, level_list, references, alpha, progress=not no_progress)
+            elif "class" in analysis.result.layers.columns:
+                from segability.estimation.per_class import fit_class_calibrations
+
+                cal = fit_class_calibrations(analysis.model(), analysis.result, method=method, alpha=alpha)
             else:
                 cal = fit_calibration(analysis.model(), analysis.result, method=method, alpha=alpha)
     except (UsageError, FileExistsError) as exc:
         _stop(err, exc, argument="out")
     n_failed = _report_failures(err, analysis)
     cal.save(out)
+    if hasattr(cal, "names"):  # one calibration per class
+        for c, one in cal.classes.items():
+            console.print(f"class {c} ({literal(cal.names[c])}): {one.method} map on {one.n} images; interval "
+                          f"+-{one.radius:.3f} at {1 - alpha:.0%}; {len(one.layers)} layers", highlight=False)  # fmt: skip
+        console.print(f"wrote {literal(out)} (analysis: {literal(analysis.folder)})", highlight=False)
+        exit_with(0 if n_failed == 0 else EXIT_FAILED)
     if estimator == "profile":
         est = cal.estimator
         refs = f"{len(cal.references)} references ({literal(_references_name(out))})" if cal.references is not None else "no references"

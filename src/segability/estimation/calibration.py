@@ -450,14 +450,23 @@ class Calibration:
                 data = json.load(fh)
             except json.JSONDecodeError as err:
                 raise ValueError(f"path: {os.fspath(path)!r} is not JSON: {err}") from None
+        return cls.from_dict(data, os.fspath(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "") -> Calibration:
+        """Read what :meth:`to_dict` gave (``source`` names where it came from, in errors).
+
+        Raises:
+            ValueError: not a segability calibration, or a required entry is missing.
+        """
         if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
-            raise ValueError(f"path: {os.fspath(path)!r} is not a {CALIBRATION_FORMAT} file")
+            raise ValueError(f"path: {source!r} is not a {CALIBRATION_FORMAT} file")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(data))
         if missing:
-            raise ValueError(f"path: {os.fspath(path)!r} lacks the entries {missing}")
+            raise ValueError(f"path: {source!r} lacks the entries {missing}")
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["radius"] = math.inf if kwargs["radius"] is None else float(kwargs["radius"])
         if "score_range" in kwargs:

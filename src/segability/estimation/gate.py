@@ -90,7 +90,7 @@ REASON_NO_INPUT_SA = GateStatus.NO_INPUT_SA.reason
 
 # qc.csv: the QC schema's columns, then the scores the gate used, each named by what it holds.
 SCORE_COLUMNS = ["mean_sa_pred", "input_sa_pred", "input_sa", "input_sa_source"]
-GATE_COLUMNS = [*QC.names, *SCORE_COLUMNS]
+GATE_COLUMNS = [*QC.base_names, *SCORE_COLUMNS]
 
 InputColumn = Literal["auto", "input_sa", "input_sa_pred"]
 

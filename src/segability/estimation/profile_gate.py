@@ -146,15 +146,23 @@ def references_path(calibration: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{path.stem}.references.npz")
 
 
-def load_calibration(path: str | os.PathLike[str]) -> Calibration | ProfileCalibration:
-    """A calibration file of either kind: the mean-SA map (:class:`Calibration`) or the SA-profile
-    estimator (:class:`ProfileCalibration`), told apart by the file's ``format``."""
+def load_calibration(path: str | os.PathLike[str]) -> Any:
+    """A calibration file of any kind: the mean-SA map (:class:`Calibration`), one per class of a
+    multi-class model (:class:`~segability.estimation.per_class.ClassCalibrations`) or the
+    SA-profile estimator (:class:`ProfileCalibration`), told apart by the file's ``format``."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not a calibration file (not JSON: {exc})", argument="path") from exc
     if isinstance(data, dict) and data.get("format") == PROFILE_FORMAT:
         return ProfileCalibration.load(path)
+    from segability.estimation.per_class import (  # per_class builds on qc
+        CLASSES_FORMAT,
+        ClassCalibrations,
+    )
+
+    if isinstance(data, dict) and data.get("format") == CLASSES_FORMAT:
+        return ClassCalibrations.from_dict(data, os.fspath(path))
     return Calibration.load(path)
 
 

@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from segability.analysis.results import CLASS_KEYS
+from segability.analysis.results import class_names, class_table
 from segability.report.folder import (
     Finding,
     MapStore,
@@ -135,10 +133,11 @@ def build_report(
     maps = MapStore(folder.maps_path) if folder.maps_path is not None else None
     try:
         chosen, skipped = _choose_images(maps, images, max_images)
-        layer_views, unit_views = [], []  # a multi-class run: these two views for every class
+        layer_views, unit_views, gate_views = [], [], []  # a multi-class run: these views for every class
         for suffix, title_suffix, view in _class_views(folder):
             for views, section in ((layer_views, _layers_section(view, layer_summary(view.layers), statements)),
-                                   (unit_views, _units_section(view, maps, chosen, order, slice_index))):  # fmt: skip
+                                   (unit_views, _units_section(view, maps, chosen, order, slice_index)),
+                                   (gate_views, _quality_section(view, maps, slice_index))):  # fmt: skip
                 if section is not None:
                     views.append(dataclasses.replace(section, id=section.id + suffix, title=section.title + title_suffix))
         sections = [
@@ -148,7 +147,7 @@ def build_report(
                 *layer_views,
                 _maps_section(folder, maps, chosen, skipped, order, slice_index),
                 *unit_views,
-                _quality_section(folder, maps, slice_index),
+                *gate_views,
                 _failed_section(folder),
                 _history_section(folder, order),
                 _settings_section(folder),
@@ -165,18 +164,13 @@ def build_report(
 def _class_views(folder: ResultFolder) -> list[tuple[str, str, ResultFolder]]:
     """``(anchor suffix, title suffix, folder view)`` per class of a multi-class run (tables of
     that class only, without the class columns); the folder itself for a single-target run."""
-    if "class" not in folder.layers.columns:
+    names = class_names(folder.layers)
+    if not names:
         return [("", "", folder)]
-
-    def only(df: pd.DataFrame | None, c: int) -> pd.DataFrame | None:
-        if df is None or "class" not in df.columns:
-            return df
-        return df[df["class"] == c].drop(columns=[k for k in CLASS_KEYS if k in df.columns]).reset_index(drop=True)
-
-    names = folder.layers.groupby("class", sort=True)["class_name"].first()
     return [
-        (f"-class-{int(c)}", f" — class {int(c)} ({name})",
-         dataclasses.replace(folder, layers=only(folder.layers, c), images=only(folder.images, c), units=only(folder.units, c)))
+        (f"-class-{c}", f" — class {c} ({name})",
+         dataclasses.replace(folder, layers=class_table(folder.layers, c), images=class_table(folder.images, c),
+                             units=class_table(folder.units, c), qc=class_table(folder.qc, c)))
         for c, name in names.items()
     ]  # fmt: skip
 

@@ -94,6 +94,7 @@ class ReviewRun:
 
     Raises:
         FileNotFoundError: the folder lacks ``layers.parquet`` or ``images.parquet``.
+        UsageError: a multi-class run (one decision per image needs one class).
     """
 
     def __init__(self, run_dir: str | os.PathLike):
@@ -102,6 +103,12 @@ class ReviewRun:
             if not (self.run_dir / required).is_file():
                 raise FileNotFoundError(f"{self.run_dir} is not a segability run folder: {required} is missing")
         images = read_table(self.run_dir / IMAGES.file, IMAGES)
+        if "class" in images.columns:
+            raise UsageError(
+                f"{self.run_dir} is a multi-class run (one row per image and class); the review station takes one "
+                "decision per image: run `segability analyze` or `qc` with --target for the class to review",
+                argument="run_dir",
+            )
         self.layers = read_table(self.run_dir / LAYERS.file, LAYERS)
         settings_file = self.run_dir / "settings.json"
         self.settings: dict[str, Any] = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
