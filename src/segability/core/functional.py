@@ -195,13 +195,15 @@ def _low_logits(features: torch.Tensor, protos: torch.Tensor, size: tuple[int, .
     """(B, K, s) centred class logits at the features' resolution (see :func:`class_logits`).
 
     The centred copy is made in chunks of at most half a resized channel (``B * prod(size) / 2``
-    elements), so it never outweighs the one resized channel per class that follows.
+    elements) or :data:`DEFAULT_CHUNK_ELEMENTS` (64 MB of float32), whichever is larger: small
+    enough never to outweigh much the resized channel per class that follows, large enough that a
+    full-resolution layer is not projected one channel at a time (ten times slower in 3D).
     """
     c = features.shape[1]
     center = protos.mean(1, keepdim=True)  # (B, 1, C); NaN for undefined images, as it should be
     p = protos - center
     flat = features.flatten(2)
-    budget = max(1, flat.shape[0] * math.prod(size) // 2)
+    budget = max(flat.shape[0] * math.prod(size) // 2, DEFAULT_CHUNK_ELEMENTS)
     step = max(1, min(c, budget // max(1, flat.shape[0] * flat.shape[2])))
     low = None
     for s in range(0, c, step):
