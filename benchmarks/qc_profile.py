@@ -71,6 +71,14 @@ BASELINES = {  # method -> (score columns, passes per image by design; None: the
     "ensemble pairwise Dice": (["ensemble_dice"], "ensemble"),
     "ensemble entropy": (["ensemble_entropy"], "ensemble"),
 }
+VARIANTS = {  # --variant: options of the profile estimator tried for issue 14 (item 3)
+    "shipped": {},
+    "isotonic": {"post_calibration": "isotonic"},
+    "narrow": {"extra_sets": {"sa_mean+input": ["mean:sa_pred", "input_sa_pred"],
+                              "sa_mean+input+body": ["mean:sa_pred", "input_sa_pred", "mean:sa_pred_body",
+                                                     "input_sa_pred_body", "pred_fraction"]}},
+}
+VARIANTS["isotonic+narrow"] = {**VARIANTS["isotonic"], **VARIANTS["narrow"]}
 RAW = {"ensemble pairwise Dice (raw)": "ensemble_dice"}  # the score read as a Dice estimate, uncalibrated
 
 
@@ -201,7 +209,8 @@ def linear_fit(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(out), np.clip(out, 0, 1), math.nan)
 
 
-def evaluate(table: pd.DataFrame, profile: pd.DataFrame, model_hash: str, seeds: int, quick: bool) -> pd.DataFrame:
+def evaluate(table: pd.DataFrame, profile: pd.DataFrame, model_hash: str, seeds: int, quick: bool,
+             variant: str = "shipped") -> pd.DataFrame:
     families = sorted(set(table["family"]) - {"clean"})
     sources = np.array(sorted(table.loc[table["family"] == "clean", "source"].unique()))
     dice = table["dice"].to_numpy(float)
@@ -225,7 +234,8 @@ def evaluate(table: pd.DataFrame, profile: pd.DataFrame, model_hash: str, seeds:
                 # the model is chosen (and the conformal residuals taken) leaving one calibration family
                 # out at a time: the choice rewards what carries over to a shift not seen
                 est = QualityEstimator.fit(profile[cal], dice[cal], table.loc[cal, "source"], model_hash=model_hash,
-                                           kinds=kinds, seed=seed, select_groups=table.loc[cal, "family"])  # fmt: skip
+                                           kinds=kinds, seed=seed, select_groups=table.loc[cal, "family"],
+                                           **VARIANTS[variant])  # fmt: skip
             if held is None:
                 seen = est.predict(profile[is_eval])
             pred = est.predict(profile[target])
@@ -239,7 +249,8 @@ def evaluate(table: pd.DataFrame, profile: pd.DataFrame, model_hash: str, seeds:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     est = QualityEstimator.fit(both[cal], dice[cal], table.loc[cal, "source"], model_hash=model_hash,
-                                               kinds=kinds, seed=seed, select_groups=table.loc[cal, "family"])  # fmt: skip
+                                               kinds=kinds, seed=seed, select_groups=table.loc[cal, "family"],
+                                               **VARIANTS[variant])  # fmt: skip
                 pred = est.predict(both[target])
                 key = "profile + ensemble Dice"
                 estimates.setdefault(key, np.full(len(table), math.nan))[target] = pred["estimated_dice"].to_numpy()
@@ -308,6 +319,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the measured tables in --out")
     parser.add_argument("--members", type=int, default=None, help="deep-ensemble size, the deployed model included "
                         "(default 3 with --quick, else 5)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped",
+                        help="an option of the profile estimator (issue 14, item 3); its files end in _<variant>")
     parser.add_argument("--short-members", action="store_true", help="train members 1 ... as --quick does (shorter "
                         "than the deployed model's recipe) also without --quick")
     args = parser.parse_args()
@@ -333,8 +346,9 @@ def main() -> None:
         labels = np.concatenate([clean.labels, suite.labels])
         table["label_pixels"] = labels.reshape(len(labels), -1).sum(1)
         profile = add_summaries(profile)
-        per_seed = evaluate(table, profile, state_dict_hash(model), seeds, args.quick)
-        per_seed.to_csv(args.out / f"{task}_per_seed.csv", index=False)
+        per_seed = evaluate(table, profile, state_dict_hash(model), seeds, args.quick, args.variant)
+        suffix = "" if args.variant == "shipped" else f"_{args.variant}"
+        per_seed.to_csv(args.out / f"{task}_per_seed{suffix}.csv", index=False)
         agg = per_seed.groupby("method", sort=False).mean(numeric_only=True).drop(columns="seed")
         sd = per_seed.groupby("method", sort=False).std(ddof=0, numeric_only=True)
         agg["spearman_sd"] = sd["spearman"]
@@ -360,8 +374,9 @@ def main() -> None:
         with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
             print(agg[[c for c in show if c in agg]])
     out = pd.concat(summaries, ignore_index=True)
-    out.to_csv(args.out / "qc_profile.csv", index=False)
-    print(f"\nwritten: {args.out / 'qc_profile.csv'}")
+    name = "qc_profile.csv" if args.variant == "shipped" else f"qc_profile_{args.variant}.csv"
+    out.to_csv(args.out / name, index=False)
+    print(f"\nwritten: {args.out / name}")
 
 
 if __name__ == "__main__":

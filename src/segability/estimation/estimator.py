@@ -165,6 +165,7 @@ class QualityEstimator:
         seed: int = 0,
         select_groups: Sequence[Any] | None = None,
         post_calibration: Literal["none", "isotonic"] = "none",
+        extra_sets: Mapping[str, Sequence[str]] | None = None,
     ) -> QualityEstimator:
         """Fit on calibration profiles (clean and shifted images) and their true Dice.
 
@@ -184,6 +185,8 @@ class QualityEstimator:
                 regression of Dice on its out-of-fold estimates (a monotone correction of the
                 model's bias, e.g. a ridge model's shrinkage towards the mean); the conformal
                 residuals then come from that map cross-fitted over the same folds.
+            extra_sets: more candidate feature sets for the ridge model (name -> profile columns;
+                columns the profile lacks are left out), besides :func:`feature_sets`.
 
         Raises:
             UsageError: mismatched lengths, fewer than two groups, or no finite Dice.
@@ -216,7 +219,11 @@ class QualityEstimator:
 
         candidates: dict[str, tuple[str, list[int]]] = {}
         if "ridge" in kinds:
-            for set_name, cols in feature_sets(names).items():
+            sets = feature_sets(names)
+            for set_name, wanted in (extra_sets or {}).items():
+                if [c for c in wanted if c in names]:
+                    sets[set_name] = [c for c in wanted if c in names]
+            for set_name, cols in sets.items():
                 candidates[f"ridge:{set_name}"] = ("ridge", [names.index(c) for c in cols])
         if "trees" in kinds:
             candidates["trees:all"] = ("trees", list(range(len(names))))
