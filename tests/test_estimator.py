@@ -206,3 +206,15 @@ def test_isotonic_post_calibration_corrects_a_monotone_bias_and_round_trips():
     pd.testing.assert_frame_equal(again.predict(new), est_iso)
     with pytest.raises(UsageError, match="post_calibration"):
         QualityEstimator.fit(prof, dice, groups, model_hash="h", kinds=("ridge",), post_calibration="spline")
+
+
+def test_extra_feature_sets_join_the_cross_validated_choice():
+    # Dice depends on sa_pred:a only; a set holding just it (plus a column the profile lacks) is a
+    # candidate and has the lowest grouped-CV MAE of the ridge candidates
+    prof, _, groups = _synthetic(60, 3, 7)
+    dice = 0.5 + 0.1 * prof["sa_pred:a"].to_numpy()
+    est = QualityEstimator.fit(prof, dice, groups, model_hash="h", kinds=("ridge",),
+                               extra_sets={"just_a": ["sa_pred:a", "not_there"]})  # fmt: skip
+    assert "ridge:just_a" in est.cv
+    assert est.cv["ridge:just_a"]["mae"] <= min(v["mae"] for v in est.cv.values()) + 1e-12
+    assert est.choice == "ridge:just_a" and np.count_nonzero(est.coef) == 1
