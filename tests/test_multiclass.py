@@ -248,7 +248,11 @@ def test_per_class_gate_equals_the_gate_of_each_target(tmp_path):
     from typer.testing import CliRunner
 
     from segability.cli.app import app
-    from segability.estimation.per_class import ClassCalibrations, fit_class_calibrations, gate_classes
+    from segability.estimation.per_class import (
+        ClassCalibrations,
+        fit_class_calibrations,
+        gate_classes,
+    )
     from segability.estimation.qc import fit_calibration, gate_result
 
     net = ThreeClassNet()

@@ -336,3 +336,46 @@ def test_a_handmade_transformer_stack_picks_its_blocks_not_the_whole_encoder():
     assert names == ["layers.0.embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.0.blocks.2", "head"]
     res = segability.analyze(net, torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
     assert (res.layers["status"] == "ok").all()
+
+
+TWO_CHANNELS = '''
+import torch
+from torch import nn
+
+
+def two_channel_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(2, 4, 1), nn.ReLU(), nn.Conv3d(4, 1, 1))
+'''
+
+
+def test_a_file_run_reads_every_channel_file_of_a_case(tmp_path):
+    """analyze on an nnU-Net raw folder of two channel files per case: the model gets both, and the
+    tables equal the analysis of the stacked tensors; the channel files enter the resume fingerprint."""
+    rng = np.random.default_rng(0)
+    images, labels = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    images.mkdir()
+    labels.mkdir()
+    xs, ys = [], []
+    for case in ("a", "b"):
+        x = rng.random((2, 6, 5, 4)).astype(np.float32)
+        y = (x[0] > 0.5).astype(np.float32)
+        for c in range(2):
+            _nifti(images / f"{case}_{c:04d}.nii.gz", x[c])
+        _nifti(labels / f"{case}.nii.gz", y)
+        xs.append(torch.from_numpy(x))
+        ys.append(torch.from_numpy(y)[None])
+    (tmp_path / "nets.py").write_text(TWO_CHANNELS)
+    args = ["analyze", "--model", f"{tmp_path / 'nets.py'}:two_channel_net", "--images", str(images), "--labels", str(labels),
+            "--out", str(tmp_path / "run"), "--no-report", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = segability.load_result(tmp_path / "run")
+    net = load_model(f"{tmp_path / 'nets.py'}:two_channel_net")
+    direct = segability.analyze(net, torch.stack(xs), torch.stack(ys), ids=["a_0000.nii.gz", "b_0000.nii.gz"])
+    np.testing.assert_allclose(run.layers["sa"], direct.layers["sa"], atol=1e-6)
+    np.testing.assert_allclose(run.images["dice"], direct.images["dice"], atol=1e-9)
+    import json
+
+    fingerprint = json.loads((tmp_path / "run" / "shards" / "run.json").read_text())
+    assert fingerprint["channel_files"] == {"a_0000.nii.gz": ["a_0001.nii.gz"], "b_0000.nii.gz": ["b_0001.nii.gz"]}

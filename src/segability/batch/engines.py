@@ -70,7 +70,7 @@ class Worker:
 
     def process(self, item: Item) -> Outcome:
         try:
-            image, label = load_item(item.file, item.label or None, self.preprocess)
+            image, label = load_item(item.image_files, item.label or None, self.preprocess)
         except Exception as exc:  # a file that cannot be read is recorded, the run goes on
             return _failure(item, "read", exc)
         try:
@@ -116,7 +116,8 @@ class _RayWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: dict[str, list[Any]] = {k: [] for k in (*_ROW, *SHARD_KINDS)}
         for i in range(len(batch["index"])):
-            item = Item(int(batch["index"][i]), str(batch["image_id"][i]), str(batch["file"][i]), str(batch["label"][i]))
+            item = Item(int(batch["index"][i]), str(batch["image_id"][i]), str(batch["file"][i]), str(batch["label"][i]),
+                        str(batch["channels"][i]))  # fmt: skip
             outcome = self.worker.process(item)
             for key in _ROW:
                 rows[key].append(getattr(outcome, key))

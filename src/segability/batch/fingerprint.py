@@ -121,6 +121,9 @@ def run_fingerprint(
     out["labels"] = _labels_source(labels)
     out["label_suffix"] = label_suffix
     out["label_files"] = {it.image_id: Path(it.label).name if it.label else None for it in items}
+    channels = {it.image_id: [Path(f).name for f in it.channels.split("\n")] for it in items if it.channels}
+    if channels:  # an image of several channel files: which files (absent otherwise, as before)
+        out["channel_files"] = channels
     return json.loads(json.dumps(out, default=str))
 
 

@@ -204,7 +204,7 @@ def run_files(source: ModelSource, files: FilesConfig, config: AnalysisConfig) -
         found = find_images(files.images, argument="images")
     with as_usage_error("labels"):
         pairing = pair_labels(found, files.labels, label_suffix=files.label_suffix, argument="labels")
-    items = _items(pairing.pairs)
+    items = _items(pairing.pairs, pairing.channels)
     with as_usage_error("preprocess"):
         preprocess = load_preprocess(files.preprocess, argument="preprocess")
 
@@ -381,7 +381,7 @@ def _absolute_spec(spec: Any) -> Any:
     return text
 
 
-def _items(paths: list[tuple[Path, Path | None]]) -> list[Item]:
+def _items(paths: list[tuple[Path, Path | None]], channels: Mapping[Path, list[Path]]) -> list[Item]:
     seen: dict[str, Path] = {}
     items = []
     for index, (image, label) in enumerate(paths):
@@ -390,5 +390,6 @@ def _items(paths: list[tuple[Path, Path | None]]) -> list[Item]:
             raise UsageError(f"images: {seen[image_id]} and {image} have the same name {image_id!r}; image ids must be unique",
                              argument="images")  # fmt: skip
         seen[image_id] = image
-        items.append(Item(index, image_id, str(image), "" if label is None else str(label)))
+        others = "\n".join(str(p) for p in channels.get(image, [])[1:])
+        items.append(Item(index, image_id, str(image), "" if label is None else str(label), others))
     return items

@@ -64,12 +64,19 @@ def safe_name(image_id: str) -> str:
 
 @dataclass(frozen=True)
 class Item:
-    """One input: its position in the input order, id (the file name), file and label file ("" for none)."""
+    """One input: its position in the input order, id (the file name), file and label file ("" for none),
+    and the image's other channel files, one per line ("" for none: nnU-Net's ``case_0001``, ...)."""
 
     index: int
     image_id: str
     file: str
     label: str
+    channels: str = ""
+
+    @property
+    def image_files(self) -> str | list[str]:
+        """The image file, or every channel file in order (what :func:`segability.io.load_item` takes)."""
+        return [self.file, *self.channels.split("\n")] if self.channels else self.file
 
 
 @dataclass
