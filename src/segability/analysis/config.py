@@ -164,7 +164,7 @@ class Capture:
     """Which layers to capture and how to hold their outputs.
 
     Args:
-        layers: "auto" (every convolution) or a selection: names, glob patterns, types, modules,
+        layers: "auto" (each stage of the network: :func:`segability.capture.default_layers`; every convolution of a plain conv net) or a selection: names, glob patterns, types, modules,
             predicates (see :func:`segability.capture.resolve_layers`).
         reshape: callable turning a layer output into (B, C, *spatial) features, or None to use
             the automatic rules (tokens, channels-last).

@@ -143,7 +143,7 @@ def analyze_files(
         images, labels, out, label_suffix, preprocess, engine, ray_address, workers,
             gpus_per_worker, device, resume, force, report, progress: see
             :class:`~segability.batch.config.FilesConfig`.
-        layers: "auto" (every convolution) or layer names / glob patterns.
+        layers: "auto" (each stage of the network: :func:`segability.capture.default_layers`; every convolution of a plain conv net) or layer names / glob patterns.
         units, guide, output, target, classes, class_names, mask, output_key, empty: as in
             :func:`segability.analyze`;
             ``mask`` is None or "nonzero". A given ``target`` must be a value of the labels: it is

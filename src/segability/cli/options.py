@@ -55,7 +55,7 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "labels": (_option(str | None, "--labels", help="Folder (or glob) of labels, paired with images by file name stem."), None),
     "label_suffix": (_option(str, "--label-suffix", help="Text after the image stem in label names, e.g. '_seg'."), ""),
     "layers": (_option(list[str] | None, "--layers", help="Layer names or glob patterns (repeatable or comma-separated); "
-                       "default every convolution. See `segability layers`."), None),
+                       "default each stage of the network (nnU-Net stages, ViT blocks, Swin stages; every convolution of a plain conv net). See `segability layers`."), None),
     "preprocess": (_option(str | None, "--preprocess", help="Preprocessing: a JSON/YAML config (orientation, spacing, "
                            "intensity, size) or file.py:fn."), None),
     "target": (_option(int | None, "--target", help="Target class of a K-channel output or a multi-class label (default 1)."), None),

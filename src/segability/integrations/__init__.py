@@ -191,7 +191,7 @@ class SAAccumulator:
 
     Args:
         model: the network; its output is read as in :func:`segability.analyze`.
-        layers: "auto" (every convolution) or a selection (see
+        layers: "auto" (each stage of the network: :func:`segability.capture.default_layers`; every convolution of a plain conv net) or a selection (see
             :func:`segability.capture.resolve_layers`).
         units: also accumulate the SA of every unit; the table then gives each layer's mean unit SA.
         guide, mask, empty, chunk_size: see :class:`segability.analysis.Scoring` (``mask``: None,

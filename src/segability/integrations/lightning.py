@@ -60,7 +60,7 @@ class SACallback(Callback, _Monitor):
     image itself is scored as the layer ``"input"``.
 
     Args:
-        layers: "auto" (every convolution) or a selection (see
+        layers: "auto" (each stage of the network: :func:`segability.capture.default_layers`; every convolution of a plain conv net) or a selection (see
             :func:`segability.capture.resolve_layers`).
         num_batches: validation batches scored per epoch (None: all).
         units: also score every unit and log each layer's mean unit SA.

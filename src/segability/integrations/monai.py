@@ -95,7 +95,7 @@ class SAHandler(_Monitor):
     handler runs the analysis engine through :class:`segability.integrations.SAAccumulator`).
 
     Args:
-        layers: "auto" (every convolution) or a selection (see
+        layers: "auto" (each stage of the network: :func:`segability.capture.default_layers`; every convolution of a plain conv net) or a selection (see
             :func:`segability.capture.resolve_layers`).
         num_batches: iterations scored per epoch (None: all).
         output_transform: callable ``engine.state.output`` -> ``(images, labels or None)``, each a
