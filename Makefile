@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test,lightning,ignite,ray,compress,review,nnunet]"
 	$(PY) -m pip install --quiet --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+	$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.startswith('2.13.0') else 'an install replaced the pinned torch 2.13.0 with ' + v)"
 	touch $(STAMP)
 
 demo: install

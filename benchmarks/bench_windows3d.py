@@ -2,6 +2,7 @@
 
     python benchmarks/bench_windows3d.py [--quick] [--repeats 3] [--patch 96] [--scale 1.5] [--axes 3]
                                          [--overlap 0.5] [--threads N] [--device cpu|cuda] [--out rows.json]
+                                         [--memory-budget MiB]
 
 The network is dynamic_network_architectures' ``PlainConvUNet`` as nnU-Net's 3d_fullres plans it:
 6 stages, 32, 64, 128, 256, 320, 320 features, kernel 3, strides 1, 2, 2, 2, 2, 2, two
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick 1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON")
+    parser.add_argument("--memory-budget", type=int, default=512, help="MiB of layer outputs kept between the steps "
+                        "(analyze_windows' memory_budget; default segability's 512): windows beyond it run again")  # fmt: skip
     args = parser.parse_args()
     from monai.inferers import sliding_window_inference
 
@@ -108,19 +111,21 @@ def main() -> None:
         with torch.no_grad():
             sliding_window_inference(volume[None].to(device), roi, 1, model, overlap=args.overlap, mode="gaussian")
 
+    budget = args.memory_budget * 2**20
     cases = {
         "inference": inference,
-        "analysis": lambda: analyze_windows(model, volume, roi_size=roi, overlap=args.overlap, layers=layers, device=device),
+        "analysis": lambda: analyze_windows(model, volume, roi_size=roi, overlap=args.overlap, layers=layers, device=device,
+                                            memory_budget=budget),  # fmt: skip
     }
     if not args.quick:
         cases["analysis + label"] = lambda: analyze_windows(
-            model, volume, label, roi_size=roi, overlap=args.overlap, layers=layers, device=device
+            model, volume, label, roi_size=roi, overlap=args.overlap, layers=layers, device=device, memory_budget=budget
         )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"segability {segability.__version__}, torch {torch.__version__}, device: {name}")
     size = "x".join(map(str, shape))
     print(f"PlainConvUNet 3D, 6 stages, volume {size}, patch {patch}^3, overlap {args.overlap}, {repeats} repeat(s), "
-          f"{len(layers)} layers: {layers}")  # fmt: skip
+          f"memory budget {args.memory_budget} MiB, {len(layers)} layers: {layers}")  # fmt: skip
     times: dict[str, list[float]] = {case: [] for case in cases}
     rss_base = None
     with warnings.catch_warnings():
