@@ -518,8 +518,11 @@ class NnUNetInference(nn.Module):
 
 
 def default_layers(network: nn.Module) -> list[str]:
-    """Every encoder and decoder stage output (``encoder.stages.<i>``, ``decoder.stages.<i>``), in order."""
-    names = [n for n, _ in network.named_modules() if _STAGE.match(n)]
+    """Every encoder and decoder stage output (``encoder.stages.<i>``, ``decoder.stages.<i>``), in order:
+    the stages of :func:`segability.capture.default_layers` (the one rule for ``layers="auto"``)."""
+    from segability.capture import default_layers as auto
+
+    names = [n for n in auto(network) if _STAGE.match(n)]
     if not names:
         raise UsageError("layers: the network has no encoder.stages.* / decoder.stages.* modules; choose layers by "
                          "name (segability layers --nnunet ...)", argument="layers")  # fmt: skip
