@@ -94,6 +94,7 @@ from segability.cli import (
     analyze,  # noqa: E402,F401
     core_commands,  # noqa: E402,F401
     demo_commands,  # noqa: E402,F401
+    evaluate_qc,  # noqa: E402,F401
     prune,  # noqa: E402,F401
     qc,  # noqa: E402,F401
     report,  # noqa: E402,F401
