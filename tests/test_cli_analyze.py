@@ -288,3 +288,15 @@ def test_usage_message_names_flags(argument, message, shown):
     from segability.errors import UsageError
 
     assert usage_message(UsageError(message, argument=argument)) == shown
+
+
+def test_memory_budget_changes_no_number(nets, data, tmp_path):
+    base = analyze_args(nets, data, tmp_path / "a", images="clean", labels="clean_labels")
+    assert run(*base).exit_code == 0
+    none_kept = analyze_args(nets, data, tmp_path / "b", "--memory-budget", "0", images="clean", labels="clean_labels")
+    result = run(*none_kept)
+    assert result.exit_code == 0, result.output
+    a, b = segability.load_result(tmp_path / "a"), segability.load_result(tmp_path / "b")
+    pd.testing.assert_frame_equal(a.layers, b.layers, check_exact=False, atol=1e-6, rtol=0)
+    bad = run(*analyze_args(nets, data, tmp_path / "c", "--memory-budget", "-1", images="clean", labels="clean_labels"))
+    assert bad.exit_code == 2 and "--memory-budget" in bad.output

@@ -117,6 +117,7 @@ def analyze_files(
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.25,
     sw_batch_size: int = 1,
+    memory_budget: int = 512 * 2**20,
     keep_maps: int = 0,
     engine: EngineKind = "local",
     ray_address: str | None = None,
@@ -148,6 +149,8 @@ def analyze_files(
             :func:`segability.analyze`;
             ``mask`` is None or "nonzero". A given ``target`` must be a value of the labels: it is
             checked against the first labels (see :func:`run_files`).
+        memory_budget: bytes of layer outputs kept between steps (see :class:`~segability.analysis.Capture`
+            and :func:`~segability.analysis.analyze_windows`); speed and memory only.
         roi_size, overlap, sw_batch_size: sliding windows (see :class:`~segability.analysis.Windows`);
             None analyses whole images.
         keep_maps: keep the feature segmentation maps of the files at the first ``keep_maps``
@@ -172,7 +175,7 @@ def analyze_files(
     config = AnalysisConfig(
         readout=Readout(output=output, target=target, output_key=output_key, classes=classes, class_names=class_names),
         scoring=Scoring(guide=guide, units=units, mask=mask, empty=empty, keep_maps=keep_maps),
-        capture=Capture(layers=[layers] if isinstance(layers, str) and layers != "auto" else layers),
+        capture=Capture(layers=[layers] if isinstance(layers, str) and layers != "auto" else layers, memory_budget=memory_budget),
         windows=None if roi_size is None else Windows(
             roi_size=tuple(roi_size) if isinstance(roi_size, (list, tuple)) else roi_size, overlap=overlap, sw_batch_size=sw_batch_size
         ),

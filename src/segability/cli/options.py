@@ -71,6 +71,9 @@ SHARED: dict[str, tuple[Any, Any]] = {
                          "(scores accumulated over windows)."), None),
     "overlap": (_option(float, "--overlap", help="Sliding-window overlap in [0, 1)."), 0.25),
     "sw_batch_size": (_option(int, "--sw-batch-size", help="Windows per forward pass."), 1),
+    "memory_budget": (_option(int, "--memory-budget", help="MiB of layer outputs kept between the steps (per batch; "
+                              "with --roi-size, over a volume's windows): beyond it a batch or window runs again. "
+                              "Changes speed and memory, not the numbers."), 512),
     "engine": (_option(str, "--engine", help="local (this process) or ray (Ray Data actors; pip install 'segability[ray]')."), "local"),
     "ray_address": (_option(str | None, "--ray-address", help="Address of an existing Ray cluster (default: a local Ray "
                             "for this run)."), None),
@@ -113,6 +116,7 @@ class FileOptions:
     roi_size: str | None = None
     overlap: float = 0.25
     sw_batch_size: int = 1
+    memory_budget: int = 512
     engine: str = "local"
     ray_address: str | None = None
     workers: int | None = None
@@ -231,7 +235,8 @@ class FileOptions:
             "classes": self.class_list(), "class_names": self.class_name_map(),
             "preprocess": self.preprocess or bundle.get("preprocess"), "label_suffix": self.label_suffix,
             "roi_size": self.roi() or bundle.get("roi_size"),
-            "overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "engine": self.engine,
+            "overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "memory_budget": self.memory_budget * 2**20,
+            "engine": self.engine,
             "ray_address": self.ray_address, "workers": self.workers, "gpus_per_worker": self.gpus_per_worker,
             "device": self.device,
         }  # fmt: skip
@@ -250,7 +255,7 @@ def nnunet_kwargs(files: FileOptions) -> dict[str, Any]:
     if files.images is None:
         raise UsageError("images is required: give the nnU-Net raw folder of the cases (imagesTs)", argument="images")
     replaced = files.given(("weights", "model_arg", "trust_pickle", "label_suffix", "preprocess", "output", "output_key",
-                            "mask", "roi_size", "overlap", "sw_batch_size", "engine", "ray_address", "workers",
+                            "mask", "roi_size", "overlap", "sw_batch_size", "memory_budget", "engine", "ray_address", "workers",
                             "gpus_per_worker"))  # fmt: skip
     if replaced:
         raise UsageError(f"--nnunet runs nnU-Net's own preprocessing, sliding window and output in this process: "
