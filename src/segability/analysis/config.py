@@ -125,6 +125,11 @@ class Readout:
         """The name of class ``c`` (from ``class_names``, else its index)."""
         return (self.class_names or {}).get(int(c), str(int(c)))
 
+    def class_columns(self, c: int) -> dict[str, Any]:
+        """The class columns of a table row for class ``c``: none for a single-target run, whose
+        tables stay as they were."""
+        return {"class": int(c), "class_name": self.class_name(c)} if self.multi else {}
+
 
 @dataclass(frozen=True)
 class Scoring:

@@ -127,7 +127,7 @@ class Engine:
         self.device, self.dtype = model_device(model, device)
         r = config.readout
         # the classes scored: known now unless classes="all" (then from the first output)
-        self.classes: tuple[int, ...] | None = None if r.classes == "all" else r.resolve_classes(0, "")
+        self.classes: tuple[int, ...] | None = None if r.classes == "all" else (r.classes or (r.target_index,))
         self.metrics: dict[int, SegmentationAbility] = {}
         if self.classes is not None:
             self._make_metrics(self.classes)
@@ -155,11 +155,6 @@ class Engine:
         s = self.config.scoring
         self.classes = classes
         self.metrics = {c: SegmentationAbility(units=s.units, empty=s.empty, chunk_size=s.chunk_size) for c in classes}
-
-    def _class_columns(self, c: int) -> dict[str, Any]:
-        """The class columns of a row (none for a single-target run, whose tables stay as they were)."""
-        r = self.config.readout
-        return {"class": c, "class_name": r.class_name(c)} if r.multi else {}
 
     # ---------------------------------------------------------------------------------- run
     def run(self, batches: Iterable[Batch], progress: Progress | None = None) -> None:
@@ -365,7 +360,7 @@ class Engine:
         sa = s.sa.detach().double().cpu().numpy()
         n = len(ctx.ids)
         self.layer_rows.add(
-            n, image=ctx.ids, **self._class_columns(c), layer=name, depth=self.depth[name], channels=ctx.channels[name],
+            n, image=ctx.ids, **self.config.readout.class_columns(c), layer=name, depth=self.depth[name], channels=ctx.channels[name],
             shape=shape, sa=sa[:, 0] if ctx.has_label else np.full(n, math.nan), sa_pred=sa[:, -1],
             status=[st.value for st in s.status], reason=[st.message for st in s.status],
         )  # fmt: skip
@@ -373,7 +368,7 @@ class Engine:
             u = s.units.detach().double().cpu().numpy()  # (B, R, C)
             k = u.shape[2]
             self.unit_rows.add(
-                n * k, image=np.repeat(np.array(ctx.ids, dtype=object), k), **self._class_columns(c), layer=name,
+                n * k, image=np.repeat(np.array(ctx.ids, dtype=object), k), **self.config.readout.class_columns(c), layer=name,
                 unit=np.tile(np.arange(k), n), sa=u[:, 0].reshape(-1) if ctx.has_label else np.full(n * k, math.nan),
                 sa_pred=u[:, -1].reshape(-1),
             )  # fmt: skip
@@ -381,7 +376,7 @@ class Engine:
     def _skipped_rows(self, ids: list[str], name: str, status: Status, why: str, shape: str, c: int) -> None:
         n = len(ids)
         self.layer_rows.add(
-            n, image=ids, **self._class_columns(c), layer=name, depth=self.depth.get(name, 0), channels=0, shape=shape,
+            n, image=ids, **self.config.readout.class_columns(c), layer=name, depth=self.depth.get(name, 0), channels=0, shape=shape,
             sa=np.full(n, math.nan), sa_pred=np.full(n, math.nan), status=status.value, reason=why,
         )  # fmt: skip
 
@@ -401,7 +396,7 @@ class Engine:
                 status = Status.OK if finite[i] else Status.OUTPUT_NOT_FINITE
                 if finite[i] and empty_pred[i]:
                     status = Status.EMPTY_PREDICTION
-                rows.append({"image": image, **self._class_columns(c), "dice": dice[i] if finite[i] else math.nan,
+                rows.append({"image": image, **self.config.readout.class_columns(c), "dice": dice[i] if finite[i] else math.nan,
                              "status": status.value, "reason": status.message})  # fmt: skip
         return rows
 
@@ -413,7 +408,7 @@ class Engine:
         for image in ids:
             self.failed.append((image, detail))
             for c in classes:
-                self.image_rows.append({"image": image, **self._class_columns(c), "dice": math.nan,
+                self.image_rows.append({"image": image, **self.config.readout.class_columns(c), "dice": math.nan,
                                         "status": Status.FAILED.value, "reason": why})  # fmt: skip
                 for name in (INPUT, *self.names):
                     self._skipped_rows([image], name, Status.FAILED, why, "", c)

@@ -469,9 +469,6 @@ class _Result:
         self.metrics, self.image_id, self.names, self.depth = metrics, image_id, names, depth
         self.shapes, self.channels, self.skipped, self.valid, self.readout = shapes, channels, skipped, valid, readout
 
-    def _class(self, c: int) -> dict[str, Any]:
-        return {"class": c, "class_name": self.readout.class_name(c)} if self.readout.multi else {}
-
     def result(self, label_t, pred, settings, maps) -> SAResult:
         has_label = label_t is not None
         image_id = self.image_id
@@ -479,7 +476,7 @@ class _Result:
         for j, (c, metric) in enumerate(self.metrics.items()):
             scores = metric.scores()
             for name in self.names:
-                row = {"image": image_id, **self._class(c), "layer": name, "depth": self.depth[name], "shape": self.shapes.get(name, "")}
+                row = {"image": image_id, **self.readout.class_columns(c), "layer": name, "depth": self.depth[name], "shape": self.shapes.get(name, "")}
                 if name in self.skipped or name not in scores:
                     status, why = self.skipped.get(name, (Status.OUTPUT_NOT_FINITE, Status.OUTPUT_NOT_FINITE.message))
                     layer_rows.append({**row, "channels": 0 if name in self.skipped else self.channels.get(name, 0),
@@ -493,7 +490,7 @@ class _Result:
                     u = sc.units[0].double().cpu().numpy()  # (R, C)
                     n = u.shape[1]
                     unit_frames.append(pd.DataFrame({
-                        "image": [image_id] * n, **{k: [v] * n for k, v in self._class(c).items()}, "layer": name,
+                        "image": [image_id] * n, **{k: [v] * n for k, v in self.readout.class_columns(c).items()}, "layer": name,
                         "unit": np.arange(n), "sa": u[0] if has_label else np.full(n, math.nan), "sa_pred": u[-1],
                     }))  # fmt: skip
             pj = pred[:, j]
@@ -505,7 +502,7 @@ class _Result:
             status = Status.OK if self.valid else Status.OUTPUT_NOT_FINITE
             if self.valid and float(pj.sum()) == 0:
                 status = Status.EMPTY_PREDICTION
-            image_rows.append({"image": image_id, **self._class(c), "dice": dice, "status": status.value, "reason": status.message})
+            image_rows.append({"image": image_id, **self.readout.class_columns(c), "dice": dice, "status": status.value, "reason": status.message})
         layers_df = typed(pd.DataFrame(layer_rows), LAYERS)
         keys = ["image", "class"] if self.readout.multi else ["image"]
         images_df = typed(pd.DataFrame(image_rows).join(layer_means(layers_df), on=keys), IMAGES)
